@@ -1,0 +1,74 @@
+"""The shared machinery of every exercise checker."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckResult:
+    """Outcome of a check; truthy when passed. Displays as a short message."""
+
+    passed: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __repr__(self) -> str:
+        return ("✅ " if self.passed else "❌ ") + self.message
+
+
+def _close(a, b, tol: float = 1e-6) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=tol, abs_tol=tol)
+    except (TypeError, ValueError):
+        return False
+
+
+def run_check(
+    name: str,
+    fn: Callable,
+    reference: Callable,
+    cases: Sequence[tuple],
+    mistakes: Sequence[tuple[Callable, str]] = (),
+    raise_on_fail: bool = False,
+) -> CheckResult:
+    """Compare ``fn`` with ``reference`` on ``cases``; explain the first difference.
+
+    ``mistakes`` pairs a typical wrong implementation with the hint to give when the
+    student's answers match it on every case.
+    """
+    result = _compare(name, fn, reference, cases, mistakes)
+    print(repr(result))
+    if raise_on_fail and not result:
+        raise AssertionError(result.message)
+    return result
+
+
+def _compare(name, fn, reference, cases, mistakes) -> CheckResult:
+    answers = []
+    for args in cases:
+        try:
+            answers.append(fn(*args))
+        except NotImplementedError:
+            return CheckResult(
+                False, f"{name}: not implemented yet (it raised NotImplementedError)."
+            )
+        except Exception as exc:  # a student's bug: report it, don't crash the notebook
+            return CheckResult(False, f"{name} raised {type(exc).__name__}: {exc} on input {args}.")
+    expected = [reference(*args) for args in cases]
+    wrong = [i for i, (a, e) in enumerate(zip(answers, expected)) if not _close(a, e)]
+    if not wrong:
+        return CheckResult(True, f"{name}: correct on all {len(cases)} cases.")
+    for broken, hint in mistakes:
+        if all(_close(a, broken(*args)) for a, args in zip(answers, cases)):
+            return CheckResult(False, f"{name}: {hint}")
+    i = wrong[0]
+    return CheckResult(
+        False,
+        f"{name}: on input {cases[i]} expected {expected[i]!r}, got {answers[i]!r} "
+        f"({len(wrong)} of {len(cases)} cases differ).",
+    )

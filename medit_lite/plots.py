@@ -1,0 +1,113 @@
+"""The book's figures (matplotlib). Each function returns the Figure it draws."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+
+#: The taxonomy of editing methods used by the textbook (and Yao et al., 2023; Wang
+#: et al., 2023): leaf -> representative methods. Labels are English only so that the
+#: figure renders with matplotlib's bundled font; the chapter gives the Chinese terms.
+TAXONOMY = {
+    "External extension": {
+        "Knowledge cache": ["SERAC", "IKE", "NL-Patch", "GRACE"],
+        "Additional parameters": ["CaliNet", "T-Patcher"],
+    },
+    "Internal modification": {
+        "Meta-learning": ["ENN", "KE", "MEND"],
+        "Locate-then-edit": ["KN", "ROME", "MEMIT"],
+    },
+}
+
+
+def _box(ax, x, y, text, color, size=9):
+    ax.text(
+        x,
+        y,
+        text,
+        ha="center",
+        va="center",
+        fontsize=size,
+        bbox=dict(boxstyle="round,pad=0.4", fc=color, ec="0.3"),
+    )
+
+
+def taxonomy_figure(taxonomy: Mapping = TAXONOMY):
+    """A tree: model editing → two families → four kinds → example methods."""
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    root = (0.5, 0.92)
+    _box(ax, *root, "Model editing", "#f4d35e", 11)
+    leaves = [
+        (fam, kind, methods) for fam, kinds in taxonomy.items() for kind, methods in kinds.items()
+    ]
+    n = len(leaves)
+    families = list(taxonomy)
+    for fi, fam in enumerate(families):
+        fx = (2 * fi + 1) / (2 * len(families))
+        ax.plot([root[0], fx], [root[1] - 0.04, 0.70], color="0.4", lw=1)
+        _box(ax, fx, 0.66, fam, "#9ad1d4", 10)
+        for li, (f, kind, methods) in enumerate(leaves):
+            if f != fam:
+                continue
+            kx = (2 * li + 1) / (2 * n)
+            ax.plot([fx, kx], [0.61, 0.46], color="0.4", lw=1)
+            _box(ax, kx, 0.41, kind, "#e0e0e0", 9)
+            ax.plot([kx, kx], [0.36, 0.26], color="0.4", lw=1)
+            _box(ax, kx, 0.16, "\n".join(methods), "white", 9)
+    fig.tight_layout()
+    return fig
+
+
+def probability_bars(
+    labels: Sequence[str],
+    before: Mapping[str, Sequence[float]],
+    after: Mapping[str, Sequence[float]],
+    title: str = "",
+):
+    """Grouped bars of target probabilities before and after an edit.
+
+    ``before``/``after`` map a series name (e.g. "P(Paris)") to one value per label.
+    """
+    import numpy as np
+
+    series = list(before)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2 + 0.25 * len(labels)), sharey=True)
+    y = np.arange(len(labels))
+    height = 0.8 / len(series)
+    for ax, (name, data) in zip(axes, [("before the edit", before), ("after the edit", after)]):
+        for si, s in enumerate(series):
+            ax.barh(y + si * height, data[s], height=height, label=s)
+        ax.set_title(name)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability (token-averaged)")
+    axes[0].set_yticks(y + height * (len(series) - 1) / 2, labels)
+    axes[0].invert_yaxis()
+    axes[1].legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def metric_bars(results: Sequence[Mapping], keys: Sequence[str], title: str = ""):
+    """One group of bars per metric, one bar per method (``evaluate`` results)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = np.arange(len(keys))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        values = [r["metrics"].get(k, float("nan")) for k in keys]
+        ax.bar(x + i * width, values, width=width, label=r["method"])
+    ax.set_xticks(x + width * (len(results) - 1) / 2, keys)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_ylabel("score")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from medit_lite.metrics import (
+    METRIC_KEYS,
+    encode_pair,
+    ngram_entropy,
+    score_requests,
+    score_targets,
+    summarize,
+    target_text,
+)
+from medit_lite.requests import EditRequest
+
+
+def test_target_text_spacing():
+    assert target_text("The capital is", "Paris") == " Paris"
+    assert target_text("Answer: ", "Paris") == "Paris"
+
+
+def test_batched_scores_match_one_sequence_at_a_time(lm):
+    prompts = ["The capital of France is", "Apple was founded by", "Hi"]
+    targets = ["Paris", "Steve Jobs and Steve Wozniak", "there friend"]
+    batched = score_targets(lm, prompts, targets, batch_size=3)
+    for prompt, target, s in zip(prompts, targets, batched):
+        p, t = encode_pair(lm, prompt, target)
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([p + t])).logits[0]
+        logp = torch.log_softmax(logits[len(p) - 1 : len(p) + len(t) - 1], -1)
+        expected = logp[torch.arange(len(t)), torch.tensor(t)]
+        assert len(s.logprobs) == len(t)  # multi-token targets score every token
+        assert torch.allclose(s.logprobs, expected, atol=1e-4)
+        assert torch.equal(s.predicted, logp.argmax(-1))
+        assert math.isclose(s.prob, math.exp(expected.mean().item()), rel_tol=1e-4)
+
+
+def test_ngram_entropy():
+    assert ngram_entropy("a a a a a a") == 0.0
+    # 4 distinct bigrams and 3 distinct trigrams, each once: H2 = 2, H3 = log2(3)
+    expected = (2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2
+    assert math.isclose(ngram_entropy("a b c d e"), expected)
+
+
+def test_unedited_model_on_known_facts(lm, facts):
+    from medit_lite.metrics import locality_reference
+
+    reqs = facts[:10]
+    rows = score_requests(lm, reqs, locality_reference(lm, reqs), generation_tokens=10)
+    m = summarize(rows)
+    assert set(m) == set(METRIC_KEYS) - {"portability"}
+    assert m["ES"] == 0.0 and m["reliability"] < 0.2  # the model prefers the true facts
+    assert m["locality"] == 1.0  # nothing edited: identical predictions
+    assert m["NS"] > 0.8 and m["EM"] < 0 and m["NM"] > 0
+    assert all(0 <= m[k] <= 1 for k in ("ES", "PS", "NS", "reliability", "generalization"))
+    assert m["GE"] > 0
+
+
+def test_keys_absent_where_data_cannot_give_them(lm):
+    r = EditRequest("{} is located in", "Angola", "Antarctica")
+    row = score_requests(lm, [r])[0]
+    assert set(row) == {"reliability"}
+    assert summarize([row, {"ES": 1.0, "reliability": 0.0}]) == {
+        "ES": 1.0,
+        "reliability": 0.0 + row["reliability"] / 2,
+    }
+
+
+def test_score_targets_rejects_mismatched_lengths(lm):
+    with pytest.raises(ValueError, match="same length"):
+        score_targets(lm, ["a"], ["b", "c"])
