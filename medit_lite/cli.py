@@ -61,7 +61,10 @@ def _overrides(pairs: list[str]) -> dict:
         try:
             out[name] = json.loads(value.replace("(", "[").replace(")", "]"))
         except json.JSONDecodeError:
-            out[name] = value
+            try:  # "nan", "inf", "1e-3" with a sign json rejects: a number, checked later
+                out[name] = float(value)
+            except ValueError:
+                out[name] = value
         if isinstance(out[name], list):
             out[name] = tuple(out[name])
     return out

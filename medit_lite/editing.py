@@ -75,6 +75,11 @@ def make_hparams(method: Method, lm: LM, hparams=None, **overrides):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unknown hyperparameter(s) for {method.name}: {', '.join(unknown)}")
+    for name, value in overrides.items():
+        default = getattr(base, name)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"hyperparameter {name} must be a number, got {value!r}")
     hp = dataclasses.replace(base, **overrides)
     check_hparams(hp, lm)
     return hp

@@ -11,5 +11,6 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, *
     """A tqdm bar, disabled when ``CI`` is set or ``MEDIT_QUIET=1``."""
     quiet = bool(os.environ.get("CI")) or os.environ.get("MEDIT_QUIET") == "1"
     kwargs.setdefault("leave", False)
-    disable = True if quiet else kwargs.pop("disable", None)
+    asked = kwargs.pop("disable", None)
+    disable = True if quiet else asked
     return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
