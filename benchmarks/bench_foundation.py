@@ -15,7 +15,10 @@ import time
 
 from common import print_table, save, summary
 
-LOAD = "import time; t=time.perf_counter(); from medit_lite import load_model; load_model(); print(time.perf_counter()-t)"
+LOAD = (
+    "import time; t = time.perf_counter(); from medit_lite import load_model; "
+    "load_model(); print(time.perf_counter() - t)"
+)
 
 
 def load_seconds(cache: str | None) -> float:
@@ -52,13 +55,28 @@ def main() -> None:
         assert weights_fingerprint(lm) == before
         payload[method] = {"seconds_per_edit": summary(seconds), "peak_memory_bytes": max(memory)}
         s = summary(seconds)
-        rows.append({"what": f"{method} edit (incl. restore)", "median s": f"{s['median']:.2f}",
-                     "min s": f"{s['min']:.2f}", "max s": f"{s['max']:.2f}", "n": s["n"],
-                     "peak MiB": f"{max(memory) / 2**20:.0f}"})  # fmt: skip
+        rows.append(
+            {
+                "what": f"{method} edit (incl. restore)",
+                "median s": f"{s['median']:.2f}",
+                "min s": f"{s['min']:.2f}",
+                "max s": f"{s['max']:.2f}",
+                "n": s["n"],
+                "peak MiB": f"{max(memory) / 2**20:.0f}",
+            }
+        )
     rows.insert(0, {"what": "load, cold (GGUF -> safetensors)", "median s": f"{cold:.2f}", "n": 1})
     w = summary(warm)
-    rows.insert(1, {"what": "load, warm (cached)", "median s": f"{w['median']:.2f}",
-                    "min s": f"{w['min']:.2f}", "max s": f"{w['max']:.2f}", "n": w["n"]})  # fmt: skip
+    rows.insert(
+        1,
+        {
+            "what": "load, warm (cached)",
+            "median s": f"{w['median']:.2f}",
+            "min s": f"{w['min']:.2f}",
+            "max s": f"{w['max']:.2f}",
+            "n": w["n"],
+        },
+    )
     print_table(rows, ["what", "median s", "min s", "max s", "n", "peak MiB"])
     save("foundation", payload)
 

@@ -1,6 +1,6 @@
 """CounterFact evaluation of the unedited model and each method (edit, measure, restore).
 
-    .venv/bin/python benchmarks/eval_counterfact.py --methods none ft ft-l --limit 100
+.venv/bin/python benchmarks/eval_counterfact.py --methods none ft ft-l --limit 100
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 
 from common import save
 
-from medit_lite import load_model, load_counterfact, shared_data
+from medit_lite import load_counterfact, load_model, shared_data
 from medit_lite.evaluate import evaluate, format_table
 
 
@@ -33,8 +33,14 @@ def main() -> None:
         print(format_table(results[-1:]), flush=True)
     print()
     print(format_table(results))
-    save(args.name, {"limit": args.limit, "model": lm.name,
-                     "results": [{k: v for k, v in r.items() if k != "rows"} for r in results]})  # fmt: skip
+    save(
+        args.name,
+        {
+            "limit": args.limit,
+            "model": lm.name,
+            "results": [{k: v for k, v in r.items() if k != "rows"} for r in results],
+        },
+    )
 
 
 if __name__ == "__main__":

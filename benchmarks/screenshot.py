@@ -1,6 +1,6 @@
 """Screenshot of a built page for the README (needs `make book` first).
 
-    .venv/bin/python benchmarks/screenshot.py [chapters/01_introduction.html] [out.png]
+.venv/bin/python benchmarks/screenshot.py [chapters/01_introduction.html] [out.png]
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Command line: ``python -m medit_lite {edit,eval} ...``.
+"""Command line: ``python -m medit_lite {edit,eval,trace} ...``.
 
     python -m medit_lite edit --method ft-l --prompt "{} is located in the city of" \\
         --subject "The Eiffel Tower" --target Rome
     python -m medit_lite eval --method ft-l --data counterfact_sample.json --limit 100 \\
         --json out.json
+    python -m medit_lite trace --prompt "The Eiffel Tower is located in the city of" \\
+        --subject "The Eiffel Tower" --kind mlp --png trace.png
 """
 
 from __future__ import annotations
@@ -44,9 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default=None, help="JSON file or dataset id (default: built-in facts)")
     v.add_argument("--format", choices=["counterfact", "zsre", "easyedit"], default=None)
     v.add_argument("--limit", type=int, default=None)
-    v.add_argument("--sequential", action="store_true", help="apply all edits, then measure")
+    v.add_argument(
+        "--sequential",
+        action="store_true",
+        help="lifelong stream: apply the edits in order, measuring SR/GR/ER/locality as it goes",
+    )
+    v.add_argument("--every", type=int, default=10, help="--sequential: checkpoint every N edits")
     v.add_argument("--ge-tokens", type=int, default=0, help="tokens generated for GE (0: skip)")
     v.add_argument("--json", default=None, help="write the results to this file")
+
+    t = sub.add_parser("trace", help="causal trace of one fact: where is it recalled?")
+    t.add_argument("--model", default=None, help="hub id or path (default: offline SmolLM2-135M)")
+    t.add_argument("--device", default=None)
+    t.add_argument("--prompt", required=True, help='the prompt (or a template with "{}")')
+    t.add_argument("--subject", required=True, help="the subject, whose tokens are corrupted")
+    t.add_argument("--kind", action="append", choices=["layer", "mlp", "attn"], default=None)
+    t.add_argument("--samples", type=int, default=10, help="noise samples per cell")
+    t.add_argument("--window", type=int, default=10, help="layers restored together (mlp/attn)")
+    t.add_argument("--png", default=None, help="save the heatmap(s) to this file")
 
     sub.add_parser("methods", help="list the editing methods")
     return p
@@ -83,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models import load_model
 
     lm = load_model(args.model, device=args.device)
+    if args.command == "trace":
+        return _trace(lm, args)
     overrides = _overrides(args.hparam)
     if args.command == "edit":
         return _edit(lm, args, overrides)
@@ -108,6 +127,30 @@ def _edit(lm, args, overrides) -> int:
     return 0
 
 
+def _trace(lm, args) -> int:
+    from .analysis import trace
+
+    kinds = tuple(args.kind or ["layer", "mlp", "attn"])
+    results = trace(
+        lm, args.prompt, args.subject, kinds=kinds, samples=args.samples, window=args.window
+    )
+    first = results[kinds[0]]
+    print(f"{first.prompt!r} -> {first.answer!r}: p clean {first.clean:.3f}, "
+          f"corrupted {first.corrupted:.3f}")  # fmt: skip
+    for kind, res in results.items():
+        token, layer = res.argmax()
+        print(
+            f"{kind:5s} largest indirect effect {float(res.indirect_effect.max()):+.3f} "
+            f"at token {token} {res.tokens[token]!r}, layer {layer}"
+        )
+    if args.png:
+        from .plots import trace_heatmaps
+
+        trace_heatmaps(list(results.values())).savefig(args.png, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.png}")
+    return 0
+
+
 def _eval(lm, args, overrides) -> int:
     from .evaluate import evaluate, format_table
     from .requests import builtin_requests, load_requests
@@ -122,9 +165,14 @@ def _eval(lm, args, overrides) -> int:
         args.method,
         sequential=args.sequential,
         generation_tokens=args.ge_tokens,
+        every=args.every,
         **overrides,
     )
     print(format_table([result]))
+    if "lifelong" in result:
+        from .lifelong import format_curve
+
+        print(format_curve(result["lifelong"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(

@@ -1,13 +1,13 @@
 """The evaluation harness behind ``python -m medit_lite eval`` and the book's tables.
 
 Independent mode (the CounterFact protocol of ROME, §4.2): for each request, edit,
-measure, restore. Sequential mode: apply every request in order on one model, then
-measure them all at the end (edits accumulate).
+measure, restore. Sequential mode: the lifelong stream of :mod:`medit_lite.lifelong`
+(every request in order on one model, edits accumulate, SR/GR/ER/locality curve every
+``every`` edits), then every metric on all the requests at the end.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from .editing import edit, weights_fingerprint
@@ -25,28 +25,36 @@ def evaluate(
     sequential: bool = False,
     generation_tokens: int = 0,
     check_restore: bool = False,
+    every: int = 10,
     **overrides,
 ) -> dict:
     """Edit and score ``requests``; ``method="none"`` scores the unedited model.
 
     Returns ``{"method", "n", "metrics", "seconds_per_edit", "rows"}`` where ``metrics``
-    averages each key of :data:`medit_lite.metrics.METRIC_KEYS` that the data allows.
+    averages each key of :data:`medit_lite.metrics.METRIC_KEYS` that the data allows;
+    sequential mode adds ``"lifelong"``, the :func:`medit_lite.lifelong.lifelong` result.
     """
     requests = list(requests)
     reference = locality_reference(lm, requests)
     before = weights_fingerprint(lm) if check_restore else None
     score = lambda reqs, ref: score_requests(lm, reqs, ref, generation_tokens)  # noqa: E731
     seconds: list[float] = []
+    stream = None
     if method == "none":
         rows = score(requests, reference)
     elif sequential:
-        start = time.perf_counter()
-        result = edit(lm, requests, method, sequential=True, **overrides)
-        seconds.append((time.perf_counter() - start) / len(requests))
-        try:
-            rows = score(requests, reference)
-        finally:
-            result.restore()
+        from .lifelong import lifelong
+
+        stream = lifelong(
+            lm,
+            requests,
+            method,
+            every=every,
+            at_end=lambda m: score(requests, reference),
+            **overrides,
+        )
+        rows = stream.pop("at_end")
+        seconds += stream["seconds"]
     else:
         rows = []
         for request, ref in progress(list(zip(requests, reference)), desc=f"eval {method}"):
@@ -55,7 +63,7 @@ def evaluate(
             seconds.append(result.seconds)
     if before is not None and weights_fingerprint(lm) != before:
         raise RuntimeError("weights differ from the unedited model after restore")
-    return {
+    out = {
         "method": method,
         "n": len(requests),
         "sequential": sequential,
@@ -63,6 +71,9 @@ def evaluate(
         "seconds_per_edit": sum(seconds) / len(seconds) if seconds else 0.0,
         "rows": rows,
     }
+    if stream is not None:
+        out["lifelong"] = stream
+    return out
 
 
 def format_table(results: Sequence[dict]) -> str:

@@ -111,3 +111,86 @@ def metric_bars(results: Sequence[Mapping], keys: Sequence[str], title: str = ""
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+# -- chapter 4: causal tracing and locate-then-edit ------------------------------------------
+_TRACE_COLORS = {"layer": "Purples", "mlp": "Greens", "attn": "Reds"}
+_TRACE_TITLES = {
+    "layer": "single restored layer (residual stream)",
+    "mlp": "restored MLP, window",
+    "attn": "restored attention, window",
+}
+
+
+def trace_heatmaps(results: Sequence, title: str | None = None):
+    """Heatmaps of P(answer) after restoring each (token, layer), one panel per kind,
+    in the style of Meng et al. (2022), Figure 1; subject tokens are marked with ``*``."""
+    size = (4.2 * len(results), 0.32 * len(results[0].positions) + 1.6)
+    fig, axes = plt.subplots(1, len(results), figsize=size, squeeze=False)
+    for ax, res in zip(axes[0], results):
+        start, end = res.subject_range
+        labels = [res.tokens[t] + ("*" if start <= t < end else "") for t in res.positions]
+        layers = res.extra.get("layers", list(range(res.scores.shape[1])))
+        im = ax.imshow(
+            res.scores.numpy(),
+            cmap=_TRACE_COLORS.get(res.kind, "Blues"),
+            vmin=min(res.corrupted, float(res.scores.min())),
+            aspect="auto",
+            interpolation="nearest",
+        )
+        ax.set_yticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=8)
+        step = max(1, len(layers) // 6)
+        ax.set_xticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+        ax.set_xlabel("layer")
+        window = f" ({res.window})" if res.kind != "layer" else ""
+        ax.set_title(_TRACE_TITLES.get(res.kind, res.kind) + window, fontsize=9)
+        fig.colorbar(im, ax=ax, label=f"p({res.answer.strip()})", shrink=0.8)
+    fig.suptitle(title or f"{results[0].prompt!r} → {results[0].answer.strip()!r}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def average_effect_lines(
+    average: Mapping[str, Sequence[Sequence[float]]],
+    positions: Sequence[str],
+    title: str = "",
+):
+    """Average indirect effect per layer at each named position, one panel per kind
+    (Meng et al., 2022, Figure 2). ``average[kind]`` is [positions][layers]."""
+    kinds = list(average)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.0), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for name, row in zip(positions, average[kind]):
+            ax.plot(range(len(row)), row, marker=".", label=name.replace("_", " "))
+        ax.set_title(_TRACE_TITLES.get(kind, kind), fontsize=9)
+        ax.set_xlabel("layer")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("average indirect effect")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves(
+    curves: Mapping[str, Mapping[int, Mapping[str, float]]],
+    keys: Sequence[str] = ("ES", "PS", "NS"),
+    title: str = "",
+):
+    """One panel per metric: its value against the number of edits for each method
+    (``curves[method][n_edits][metric]``)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for method, points in curves.items():
+            ns = sorted(points, key=int)
+            ax.plot([int(n) for n in ns], [points[n][key] for n in ns], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("number of edits")
+        ax.set_title(key)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

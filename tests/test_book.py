@@ -152,3 +152,17 @@ def test_chapter_one_shows_its_figures_and_math(site, browser):
     solution = page.locator("details.hide", has_text="Solution").first
     assert solution.count() == 1 and not solution.locator("pre").first.is_visible()
     page.close()
+
+
+def test_chapter_four_shows_traces_results_and_hidden_solutions(site, browser):
+    page = browser.new_page()
+    page.goto((site / "chapters" / "04_rome.html").as_uri(), wait_until="load")
+    page.wait_for_function("document.querySelectorAll('mjx-container').length > 3", timeout=20000)
+    sizes = page.evaluate("Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sum(w > 300 and h > 150 for w, h in sizes) >= 2  # heatmaps and effect curves
+    text = page.inner_text("main")
+    assert "Exercise 4.1" in text and "Exercise 4.2" in text and "r-ROME" in text
+    assert "ROME edit in" in text and "MEMIT" in text and "paper GPT-2 XL" in text
+    solutions = page.locator("details.hide", has_text="Solution")
+    assert solutions.count() >= 2 and not solutions.first.locator("pre").first.is_visible()
+    page.close()

@@ -1,0 +1,222 @@
+"""ROME, MEMIT and the second-moment statistics on the real default model.
+
+Statistics use a small sample count (``N``) so the first run stays short; they are cached
+under ``$MEDIT_CACHE`` like every other run's.
+"""
+
+import math
+
+import pytest
+import torch
+
+from medit_lite import edit, weights_fingerprint
+from medit_lite.methods.memit import memit_update
+from medit_lite.methods.rome import ROMEHParams, rank_one_update
+from medit_lite.metrics import locality_reference, score_requests, summarize
+from medit_lite.stats import second_moment, second_moments
+
+N = 4000  # key vectors in C for the tests (the default is 20,000)
+FAST = dict(mom2_n_samples=N)
+
+
+@pytest.fixture(scope="module")
+def fingerprint(lm):
+    return weights_fingerprint(lm)
+
+
+@pytest.fixture
+def unchanged(lm, fingerprint):
+    yield
+    assert weights_fingerprint(lm) == fingerprint
+
+
+# -- statistics ---------------------------------------------------------------------------
+def test_second_moment_is_symmetric_psd_and_cached(lm):
+    layer = ROMEHParams.for_model(lm).layers[0]
+    first = second_moment(lm, layer, n_tokens=N)
+    C = first.mom2
+    assert C.shape == (lm.d_mlp, lm.d_mlp) and first.n == N
+    assert torch.allclose(C, C.T, atol=1e-5)
+    assert float(torch.linalg.eigvalsh(C.double()).min()) > -1e-6
+    again = second_moment(lm, layer, n_tokens=N)
+    assert again.cached and first.path == again.path and torch.equal(again.mom2, C)
+    assert f"n{N}" in again.path.name and f"layer{layer:02d}" in again.path.name
+
+
+def test_second_moment_matches_a_direct_average(lm):
+    texts = ["The Eiffel Tower is in Paris.", "Water boils at one hundred degrees."]
+    n = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
+    stats = second_moments(lm, [1], texts * 8, n_tokens=n, batch_size=2, cache=False)[1]
+    from medit_lite.hooks import Hooks
+
+    keys = []
+    for t in texts:
+        with Hooks() as h:
+            box = h.capture_input(lm.module("mlp_out", 1))
+            lm.model(**lm.tokenize([t]))
+        keys.append(box.value[0])
+    K = torch.cat(keys).double()
+    assert torch.allclose(stats.mom2.double(), K.T @ K / n, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_tokens=0), "n_tokens"),
+        (dict(corpus="nonsense"), "unknown corpus"),
+        (dict(layers=[99]), "outside"),
+        (dict(layers=[]), "at least one"),
+    ],
+)
+def test_second_moment_bad_input(lm, kwargs, match):
+    args = dict(layers=[0], corpus="offline", n_tokens=10) | kwargs
+    with pytest.raises(ValueError, match=match):
+        second_moments(lm, args.pop("layers"), **args)
+
+
+# -- the closed form ----------------------------------------------------------------------
+def _constrained_lstsq(W, K, k, v):
+    """min ‖(W+Δ)K − WK‖²  s.t. (W+Δ)k = v, solved row by row from the KKT system."""
+    d_in = K.shape[0]
+    A = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
+    A[:d_in, :d_in] = 2 * K @ K.T
+    A[:d_in, d_in] = k
+    A[d_in, :d_in] = k
+    rhs = torch.zeros(d_in + 1, W.shape[0], dtype=torch.float64)
+    rhs[d_in] = v - W @ k
+    return torch.linalg.solve(A, rhs)[:d_in].T
+
+
+def test_rank_one_update_is_the_constrained_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in, n = 6, 9, 40
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    K = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    k = torch.randn(d_in, generator=g, dtype=torch.float64)
+    v = torch.randn(d_out, generator=g, dtype=torch.float64)
+    C = K @ K.T / n
+    delta = rank_one_update(W, C, k, v)
+    assert torch.allclose((W + delta) @ k, v, atol=1e-9)  # the new fact is stored
+    assert torch.linalg.matrix_rank(delta) == 1
+    assert torch.allclose(delta, _constrained_lstsq(W, K, k, v), atol=1e-8)
+    # any other feasible change disturbs the old keys more
+    E = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    E -= torch.outer(E @ k, k) / (k @ k)  # E k = 0: still stores the fact
+    assert ((delta + 0.1 * E) @ K).norm() > (delta @ K).norm()
+    # identity statistics: the minimum-norm (plain projection) update
+    plain = rank_one_update(W, None, k, v)
+    assert torch.allclose(plain, torch.outer(v - W @ k, k) / (k @ k))
+
+
+def test_original_key_form_inserts_at_the_plain_key():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    C = torch.eye(5, dtype=torch.float64) + 0.1
+    k_star, k_p, v = (torch.randn(n, generator=g, dtype=torch.float64) for n in (5, 5, 4))
+    delta = rank_one_update(W, C, k_star, v, k_insert=k_p)
+    assert torch.allclose((W + delta) @ k_p, v, atol=1e-9)
+    assert not torch.allclose((W + delta) @ k_star, v, atol=1e-3)
+
+
+def test_memit_update_solves_its_normal_equations():
+    g = torch.Generator().manual_seed(2)
+    d_out, d_in, n = 5, 8, 3
+    K = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    R = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    K0 = torch.randn(d_in, 50, generator=g, dtype=torch.float64)
+    C, lam = K0 @ K0.T / 50, 2.0
+    delta = memit_update(K, R, C, lam)
+    # ΔW minimises λ‖ΔW K0‖²/50 + ‖ΔW K − R‖²: gradient zero
+    grad = lam * delta @ C + (delta @ K - R) @ K.T
+    assert grad.abs().max() < 1e-9
+    # with λ → 0 the new facts are written exactly
+    assert torch.allclose(memit_update(K, R, C, 1e-9) @ K, R, atol=1e-5)
+
+
+# -- on the model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rome_edit(lm, facts, fingerprint):
+    """One ROME edit of the first built-in fact, scored before and after, then restored."""
+    request = facts[0]
+    reference = locality_reference(lm, [request])
+    before = score_requests(lm, [request], reference)[0]
+    result = edit(lm, request, "rome", **FAST)
+    after = score_requests(lm, [request], reference)[0]
+    text = lm.generate(request.text, 3)
+    result.restore()
+    return dict(request=request, before=before, after=after, result=result, text=text)
+
+
+def test_rome_flips_a_fact_and_its_paraphrases(rome_edit):
+    before, after = rome_edit["before"], rome_edit["after"]
+    assert before["ES"] == 0.0 and after["ES"] == 1.0
+    assert after["PS"] >= 2 / 3
+    assert after["NS"] >= 0.6 and after["NS"] >= before["NS"] - 0.34
+    assert rome_edit["text"].strip().startswith(rome_edit["request"].target_new.split()[0])
+
+
+def test_rome_changes_one_matrix_by_rank_one_and_restores_exactly(lm, rome_edit, fingerprint):
+    result = rome_edit["result"]
+    layer = result.hparams.layers[0]
+    assert result.changed == [lm.module_name("mlp_out", layer) + ".weight"]
+    info = result.info[0]
+    assert info["layer"] == layer and info["key_form"] == "r-rome" and info["steps"] >= 1
+    assert info["losses"][-1]["p_target"] > info["losses"][0]["p_target"]
+    assert weights_fingerprint(lm) == fingerprint
+
+
+def test_rome_update_is_rank_one_on_the_model(lm, facts, unchanged):
+    name = lm.module_name("mlp_out", ROMEHParams.for_model(lm).layers[0]) + ".weight"
+    w0 = lm.model.get_parameter(name).detach().clone()
+    with edit(lm, facts[5], "rome", v_num_grad_steps=2, **FAST) as result:
+        delta = (lm.model.get_parameter(name) - w0).double()
+        s = torch.linalg.svdvals(delta)
+        assert s[1] < 1e-4 * s[0]
+        assert math.isclose(result.delta_norms()[name], float(s[0]), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(layers=(3, 4)), ValueError, "one layer"),
+        (dict(layers=(99,)), ValueError, "outside"),
+        (dict(key_form="sideways"), ValueError, "key_form"),
+        (dict(fact_token="first"), ValueError, "fact_token"),
+        (dict(v_lr=float("nan")), ValueError, "finite"),
+        (dict(mom2_corpus="nowhere"), ValueError, "mom2_corpus"),
+        (dict(context_templates=((5, 0),)), ValueError, "context_templates"),
+        (dict(no_such_knob=1), TypeError, "unknown hyperparameter"),
+    ],
+)
+def test_rome_bad_input_changes_nothing(lm, facts, overrides, error, match, unchanged):
+    with pytest.raises(error, match=match):
+        edit(lm, facts[0], "rome", **overrides)
+
+
+def test_rome_failure_inside_the_method_restores(lm, facts, unchanged, monkeypatch):
+    from medit_lite.methods import rome
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rome, "rome_delta", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        edit(lm, facts[0], "rome", v_num_grad_steps=1, **FAST)
+
+
+def test_memit_batch_flips_most_facts_and_restores_exactly(lm, facts, unchanged):
+    requests = facts[:40:4]  # 10 facts over several relations
+    reference = locality_reference(lm, requests)
+    before = summarize(score_requests(lm, requests, reference))
+    with edit(lm, requests, "memit", context_templates=((5, 2),), **FAST) as result:
+        after = summarize(score_requests(lm, requests, reference))
+        assert sorted(result.changed) == sorted(
+            lm.module_name("mlp_out", layer) + ".weight" for layer in result.hparams.layers
+        )
+    assert after["ES"] >= 0.8 and after["ES"] > before["ES"]
+    assert after["NS"] >= before["NS"] - 0.2
+
+
+def test_memit_bad_layers(lm, facts, unchanged):
+    with pytest.raises(ValueError, match="increasing"):
+        edit(lm, facts[0], "memit", layers=(5, 3))
