@@ -24,11 +24,13 @@ setup: $(STAMP)
 model: setup
 	$(PY) -c "from medit_lite.models import default_model_path as p; print('default model:', p())"
 
-# Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium)
+# Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium), and CJK
+# fonts so that the pages' Chinese terms render as text, not as empty boxes
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi "Noto.*CJK"; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; }
 
 book: model
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
