@@ -1,4 +1,4 @@
-"""T-Patcher vs FT-L as lifelong editors: a stream of edits applied in order.
+"""T-Patcher vs FT-L and ROME as lifelong editors: a stream of edits applied in order.
 
 For each method: seconds per edit (median, min, max), parameters and bytes added per
 edit, and the SR / GR / ER / locality curve of :func:`medit_lite.lifelong.lifelong`
@@ -6,7 +6,12 @@ edit, and the SR / GR / ER / locality curve of :func:`medit_lite.lifelong.lifelo
 (``../shared/data/zsre_eval_sample.json``, MEND's format) where present, else the
 built-in facts. Chapter 3 reads ``benchmarks/results/tpatcher.json``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tpatcher.py [--edits 100]
+T-Patcher's memory set (``--memory``): ``builtin`` is the package's ordinary sentences;
+``task`` (the default with zsRE) adds, as the paper does with its training data, the
+locality questions and answers of ``--memory-size`` zsRE records held out from the stream
+(records from ``--memory-from`` on; none of the stream's probes is among them).
+
+    .venv/bin/python benchmarks/bench_tpatcher.py [--edits 100] [--methods tpatcher,ft-l,rome]
 """
 
 from __future__ import annotations
@@ -29,11 +34,29 @@ def stream(n: int):
     return f"built-in facts (first {n})", builtin_requests()[:n]
 
 
+def task_memory(requests, start: int, size: int) -> tuple[str, ...]:
+    """The built-in memory texts plus the probes of held-out zsRE records (``start`` on)."""
+    from medit_lite import load_zsre, shared_data
+    from medit_lite.methods import tpatcher as tp
+
+    path = shared_data(ZSRE)
+    if path is None:
+        return ()
+    held_out = load_zsre(path)[start:]
+    if start < len(requests):
+        raise SystemExit("--memory-from must lie after the stream")
+    extra = tp.probe_memory_texts(held_out, exclude=requests, limit=size)
+    return tuple(tp.builtin_memory_texts()) + extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--methods", default="tpatcher,ft-l")
+    parser.add_argument("--methods", default="tpatcher,ft-l,rome")
+    parser.add_argument("--memory", choices=["task", "builtin"], default="task")
+    parser.add_argument("--memory-from", type=int, default=500)
+    parser.add_argument("--memory-size", type=int, default=300)
     args = parser.parse_args()
 
     from medit_lite import load_model
@@ -42,10 +65,16 @@ def main() -> None:
     lm = load_model()
     name, requests = stream(args.edits)
     print(f"{lm.name}: lifelong stream of {len(requests)} edits from {name}\n")
+    memory = (
+        task_memory(requests, args.memory_from, args.memory_size) if args.memory == "task" else ()
+    )
+    args.memory_texts = len(memory)
     runs, rows = {}, []
     for method in args.methods.split(","):
+        overrides = {"memory_texts": memory} if method == "tpatcher" and memory else {}
         start = time.perf_counter()
-        result = lifelong(lm, requests, method, every=args.every)
+        result = lifelong(lm, requests, method, every=args.every, **overrides)
+        result["memory_texts"] = len(memory) if overrides else None
         result["total_seconds"] = time.perf_counter() - start
         runs[method] = result
         print(format_curve(result), f"\n({result['total_seconds']:.0f} s in all)\n", flush=True)
@@ -83,6 +112,11 @@ def _save(lm, name, requests, args, rows, runs) -> None:
             "data": name,
             "edits": len(requests),
             "every": args.every,
+            "tpatcher_memory": {
+                "kind": args.memory,
+                "from_record": args.memory_from,
+                "texts": args.memory_texts,
+            },  # fmt: skip
             "table": table,
             "runs": kept
             | {m: r | {"seconds_summary": summary(r["seconds"])} for m, r in runs.items()},

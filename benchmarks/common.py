@@ -46,3 +46,14 @@ def save(name: str, payload: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+def counterfact_sample(limit: int | None = None):
+    """The CounterFact sample of ../shared/data (first ``limit`` records), or exit with a
+    clear message when that folder is absent."""
+    from medit_lite import load_counterfact, shared_data
+
+    path = shared_data("counterfact_sample.json")
+    if path is None:
+        raise SystemExit("needs ../shared/data/counterfact_sample.json beside the repository")
+    return load_counterfact(path, limit=limit)

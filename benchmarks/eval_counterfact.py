@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from common import save
+from common import counterfact_sample, save
 
-from medit_lite import load_counterfact, load_model, shared_data
+from medit_lite import load_model
 from medit_lite.evaluate import evaluate, format_table
 
 
@@ -20,11 +20,8 @@ def main() -> None:
     parser.add_argument("--ge-tokens", type=int, default=40)
     parser.add_argument("--name", default="eval_counterfact")
     args = parser.parse_args()
-    path = shared_data("counterfact_sample.json")
-    if path is None:
-        raise SystemExit("needs ../shared/data/counterfact_sample.json")
+    requests = counterfact_sample(args.limit)
     lm = load_model()
-    requests = load_counterfact(path, limit=args.limit)
     results = []
     for method in args.methods:
         results.append(

@@ -1,14 +1,15 @@
 """Chapter 4's results: locate-then-edit on the CounterFact sample.
 
-1. independent edits (edit, measure, restore) for the unedited model, FT, FT-L, ROME and
-   MEMIT (one request at a time, as in ROME's Table 4), and MEMIT with all requests in
-   one batch;
-2. many edits on one model: sequential ROME (each edit on top of the previous ones) vs
-   one MEMIT batch, at 10, 100 and 300 edits.
+1. independent edits (edit, measure, restore) for the unedited model and each method in
+   ``--methods`` (one request at a time, as in ROME's Table 4);
+2. many edits on one model (``--counts``): one stream of sequential ROME edits (each on
+   top of the previous ones) scored on the requests edited so far after 10, 100 and 300
+   edits, against MEMIT writing the first 10, 100 and 300 requests in one batch each.
 
-The JSON is rewritten after every step, so an interrupted run keeps what it finished.
+The JSON is rewritten after every step, so an interrupted run keeps what it finished;
+``--resume`` keeps the finished parts of an earlier run with the same ``--limit``.
 
-    .venv/bin/python benchmarks/eval_locate.py --limit 100 --counts 10 100
+    .venv/bin/python benchmarks/eval_locate.py --limit 300 --counts 10 100 300
 """
 
 from __future__ import annotations
@@ -17,32 +18,63 @@ import argparse
 import json
 import time
 
-from common import RESULTS, save
+from common import RESULTS, counterfact_sample, save
 
-from medit_lite import load_counterfact, load_model, shared_data
+from medit_lite import edit, load_model
 from medit_lite.evaluate import evaluate, format_table
+from medit_lite.metrics import locality_reference, score_requests, summarize
+
+BASELINES = ("ft", "ft-l")
 
 
 def _strip(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
 
 
+def memit_batch(lm, requests) -> dict:
+    """All ``requests`` written by one MEMIT call, scored, then restored."""
+    reference = locality_reference(lm, requests)
+    with edit(lm, requests, "memit") as res:
+        rows = score_requests(lm, requests, reference)
+        info = {k: v for k, v in res.info[0].items() if k not in ("targets", "p_target")}
+    return {"method": "memit", "n": len(requests), "sequential": False,
+            "metrics": summarize(rows), "seconds_total": res.seconds,
+            "seconds_per_edit": res.seconds / len(requests), "info": info}  # fmt: skip
+
+
+def rome_stream(lm, requests, counts) -> dict[int, dict]:
+    """Sequential ROME over ``requests``, scored on the first n after n edits."""
+    r = evaluate(lm, requests, "rome", sequential=True, check_restore=True,
+                 checkpoints=counts, score_checkpoints=True)  # fmt: skip
+    out = {}
+    for c in r["lifelong"]["curve"]:
+        out[c["n_edits"]] = {
+            "method": "rome", "n": c["n_edits"], "sequential": True, "metrics": c["extra"],
+            "seconds_per_edit": c["seconds_per_edit"],
+            "lifelong": {k: c[k] for k in ("SR", "GR", "ER", "locality", "changed_params")},
+        }  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", nargs="+", default=["none", "rome", "memit", "ft", "ft-l"])
+    parser.add_argument("--methods", nargs="*", default=["none", "rome", "ft", "ft-l"])
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--counts", type=int, nargs="*", default=[10, 100, 300])
     parser.add_argument("--ge-tokens", type=int, default=0)
+    parser.add_argument(
+        "--baseline-limit",
+        type=int,
+        default=None,
+        help="evaluate FT and FT-L (and the unedited model again) on the first N records only",
+    )
     parser.add_argument("--name", default="locate_eval")
     parser.add_argument(
         "--resume", action="store_true", help="keep the results of an earlier run (same limit)"
     )
     args = parser.parse_args()
-    path = shared_data("counterfact_sample.json")
-    if path is None:
-        raise SystemExit("needs ../shared/data/counterfact_sample.json")
+    requests = counterfact_sample(args.limit)
     lm = load_model()
-    requests = load_counterfact(path, limit=args.limit)
     out = {"model": lm.name, "data": "counterfact_sample.json", "limit": len(requests),
            "independent": [], "many_edits": {}}  # fmt: skip
     started = time.time()
@@ -52,42 +84,46 @@ def main() -> None:
         if old.get("limit") == len(requests):
             out["independent"] = old["independent"]
             out["many_edits"] = old.get("many_edits", {})
-    done = {r["method"] for r in out["independent"]}
+    done = {(r["method"], r["n"]) for r in out["independent"]}
 
     def write():
         out["wall_seconds"] = time.time() - started
         save(args.name, out)
 
-    for method in [m for m in args.methods if m not in done]:
-        r = evaluate(lm, requests, method, generation_tokens=args.ge_tokens, check_restore=True)
+    jobs = [(m, requests) for m in args.methods]
+    if args.baseline_limit:  # the slow baselines on a prefix, next to the unedited model there
+        jobs = [(m, rs) for m, rs in jobs if m not in BASELINES]
+        subset = requests[: args.baseline_limit]
+        jobs += [(m, subset) for m in ["none", *BASELINES] if m in args.methods or m == "none"]
+    for method, reqs in jobs:
+        if (method, len(reqs)) in done:
+            continue
+        r = evaluate(lm, reqs, method, generation_tokens=args.ge_tokens, check_restore=True)
         out["independent"].append(_strip(r))
+        done.add((method, len(reqs)))
         print(format_table([r]), flush=True)
         write()
-    for n in args.counts:
-        reqs = requests[:n]
-        if len(reqs) < n:
-            continue
-        curve = out["many_edits"].setdefault(str(n), {})
-        for label, method, sequential in (("MEMIT (batch)", "memit", False),
-                                          ("ROME (sequential)", "rome", True)):  # fmt: skip
-            if label in curve:
-                continue
-            t0 = time.perf_counter()
-            if sequential:
-                r = evaluate(lm, reqs, method, sequential=True, check_restore=True, every=n)
-            else:
-                from medit_lite import edit
-                from medit_lite.metrics import locality_reference, score_requests, summarize
 
-                reference = locality_reference(lm, reqs)
-                with edit(lm, reqs, method) as res:
-                    rows = score_requests(lm, reqs, reference)
-                r = {"method": method, "n": n, "sequential": False, "metrics": summarize(rows),
-                     "seconds_per_edit": res.seconds / n}  # fmt: skip
-            r = _strip(r) | {"label": label, "wall_seconds": time.perf_counter() - t0}
-            curve[label] = r
-            print(n, label, {k: round(v, 3) for k, v in r["metrics"].items()}, flush=True)
+    counts = [n for n in args.counts if n <= len(requests)]
+    curves = out["many_edits"]
+    for n in counts:
+        curve = curves.setdefault(str(n), {})
+        if "MEMIT (batch)" not in curve:
+            t0 = time.perf_counter()
+            curve["MEMIT (batch)"] = memit_batch(lm, requests[:n]) | {
+                "label": "MEMIT (batch)", "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+            print(n, "MEMIT", curve["MEMIT (batch)"]["metrics"], flush=True)
             write()
+    missing = [n for n in counts if "ROME (sequential)" not in curves[str(n)]]
+    if missing:
+        t0 = time.perf_counter()
+        stream = rome_stream(lm, requests[: max(missing)], missing)
+        wall = time.perf_counter() - t0
+        for n in missing:
+            label = {"label": "ROME (sequential)", "stream_wall_seconds": wall}
+            curves[str(n)]["ROME (sequential)"] = stream[n] | label
+            print(n, "ROME sequential", stream[n]["metrics"], flush=True)
+        write()
     write()
 
 

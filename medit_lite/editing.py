@@ -148,6 +148,13 @@ class EditResult:
         _put_back(self.lm, self._backup, self._undo)
         self.restored = True
 
+    @property
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        """The saved values, from before the edit, of every parameter the method could
+        change (name → tensor; a copy of the mapping, the tensors are the backup itself:
+        do not modify them)."""
+        return dict(self._backup)
+
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of the change of each changed parameter."""
         params = dict(self.lm.model.named_parameters())

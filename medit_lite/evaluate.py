@@ -26,13 +26,18 @@ def evaluate(
     generation_tokens: int = 0,
     check_restore: bool = False,
     every: int = 10,
+    checkpoints: Sequence[int] | None = None,
+    score_checkpoints: bool = False,
     **overrides,
 ) -> dict:
     """Edit and score ``requests``; ``method="none"`` scores the unedited model.
 
     Returns ``{"method", "n", "metrics", "seconds_per_edit", "rows"}`` where ``metrics``
     averages each key of :data:`medit_lite.metrics.METRIC_KEYS` that the data allows;
-    sequential mode adds ``"lifelong"``, the :func:`medit_lite.lifelong.lifelong` result.
+    sequential mode adds ``"lifelong"``, the :func:`medit_lite.lifelong.lifelong` result,
+    with checkpoints every ``every`` edits or at the counts in ``checkpoints``; with
+    ``score_checkpoints=True`` each checkpoint also holds, under ``"extra"``, the averaged
+    metrics of the requests edited so far (ES/PS/NS... as the model stands then).
     """
     requests = list(requests)
     reference = locality_reference(lm, requests)
@@ -50,6 +55,12 @@ def evaluate(
             requests,
             method,
             every=every,
+            checkpoints=checkpoints,
+            at_checkpoint=(
+                (lambda m, n: summarize(score(requests[:n], reference[:n])))
+                if score_checkpoints
+                else None
+            ),
             at_end=lambda m: score(requests, reference),
             **overrides,
         )

@@ -3,7 +3,8 @@
 This is the protocol of T-Patcher (Huang et al., 2023, §4.1), shared by every method:
 the edits of a stream arrive one at a time and each is applied on top of all earlier ones
 (``edit(lm, request, method)`` called once per request, the results stacked). After every
-``every`` edits (and after the last) the harness takes a checkpoint:
+``every`` edits (and after the last), or at the edit counts listed in ``checkpoints``, the
+harness takes a checkpoint:
 
 * **SR**, success rate: the share of the edits so far that held *right after their own
   edit* (measured once per edit, just after it);
@@ -77,13 +78,17 @@ def lifelong(
     method: str = "ft-l",
     *,
     every: int = 10,
+    checkpoints: Sequence[int] | None = None,
     locality: Sequence[Probe] | None = None,
     locality_size: int = 100,
+    at_checkpoint=None,
     at_end=None,
     hparams=None,
     **overrides,
 ) -> dict:
-    """Apply ``requests`` one after another with ``method``; measure after every ``every``.
+    """Apply ``requests`` one after another with ``method``; measure after every ``every``
+    edits, or, when ``checkpoints`` is given, after exactly those numbers of edits (the
+    last edit always gets a checkpoint).
 
     ``locality`` is the probe set of the locality metric (default: up to
     ``locality_size`` neighborhood probes of the requests). Returns a dict with
@@ -91,7 +96,10 @@ def lifelong(
     ``curve`` (one dict per checkpoint with ``n_edits`` and :data:`CURVE_KEYS`),
     ``success`` (per edit, right after it), ``seconds`` (per edit) and
     ``already_correct`` (edits the unedited model already got right). The model is
-    restored exactly before it returns, also on errors. ``at_end(lm)``, if given, is called
+    restored exactly before it returns, also on errors. ``at_checkpoint(lm, n)``, if
+    given, is called at each checkpoint (``n`` edits applied) and what it returns is kept
+    under the checkpoint's ``"extra"`` key (e.g. CounterFact scores of the first ``n``
+    requests). ``at_end(lm)``, if given, is called
     after the last edit, before restoring; what it returns is under ``"at_end"``.
     """
     reqs = as_requests(requests)
@@ -99,6 +107,7 @@ def lifelong(
         raise ValueError("lifelong editing needs at least one request")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
+    marks = _checkpoint_set(checkpoints, every, len(reqs))
     probes = (
         list(locality) if locality is not None else default_locality_probes(reqs, locality_size)
     )
@@ -118,17 +127,19 @@ def lifelong(
         for i, request in enumerate(progress(reqs, desc=f"lifelong {method}")):
             result = edit(lm, request, method, hparams=hparams, **overrides)
             results.append(result)
-            for name, saved in result._backup.items():
+            for name, saved in result.original_weights.items():
                 originals.setdefault(name, saved)
             seconds.append(result.seconds)
             success += exact_matches(lm, [request.text], [request.target_new])
             n = i + 1
-            if n % every == 0 or n == len(reqs):
+            if n in marks:
                 curve.append(
                     _checkpoint(lm, reqs[:n], success, seconds, probes, reference, originals)
                     | {"added_params": _n_params(lm) - n_params}
                 )
                 curve[-1]["added_bytes"] = curve[-1]["added_params"] * element_size
+                if at_checkpoint is not None:
+                    curve[-1]["extra"] = at_checkpoint(lm, n)
         end = at_end(lm) if at_end is not None else None
     finally:
         for result in reversed(results):
@@ -140,6 +151,7 @@ def lifelong(
         "n": len(reqs),
         "sequential": True,
         "every": every,
+        "checkpoints": sorted(marks),
         "locality_probes": len(probes),
         "final": curve[-1],
         "curve": curve,
@@ -148,6 +160,17 @@ def lifelong(
         "already_correct": sum(already),
         "at_end": end,
     }
+
+
+def _checkpoint_set(checkpoints, every: int, n: int) -> set[int]:
+    """The edit counts after which a checkpoint is taken (always including ``n``)."""
+    if checkpoints is None:
+        return {k for k in range(every, n + 1, every)} | {n}
+    marks = list(checkpoints)
+    for k in marks:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+            raise ValueError(f"checkpoints must be edit counts between 1 and {n}, got {k!r}")
+    return set(marks) | {n}
 
 
 @torch.no_grad()

@@ -11,18 +11,6 @@ from medit_lite.metrics import locality_reference, score_requests, summarize
 from medit_lite.requests import EditRequest
 
 
-@pytest.fixture(scope="module")
-def fingerprint(lm):
-    return weights_fingerprint(lm)
-
-
-@pytest.fixture
-def unchanged(lm, fingerprint):
-    """Every test using this checks the model is bit-identical afterwards."""
-    yield
-    assert weights_fingerprint(lm) == fingerprint
-
-
 @pytest.mark.parametrize("method", ["ft", "ft-l"])
 def test_edit_flips_a_builtin_fact_and_restores_exactly(lm, facts, method, unchanged):
     request = facts[0]

@@ -161,6 +161,31 @@ def test_evaluate_sequential_uses_the_harness(lm, stream):
     assert out["metrics"]["reliability"] == 1.0 and out["metrics"]["ES"] == 1.0
 
 
+def test_checkpoints_at_given_counts_with_scores(lm, stream):
+    seen = []
+
+    def at_checkpoint(model, n):
+        seen.append(n)
+        return {"n": n}
+
+    result = lifelong(
+        lm, stream[:5], "test-lookup", checkpoints=[1, 3], at_checkpoint=at_checkpoint
+    )
+    # the last edit always gets a checkpoint; the callback sees each one
+    assert result["checkpoints"] == [1, 3, 5] and seen == [1, 3, 5]
+    assert [c["n_edits"] for c in result["curve"]] == [1, 3, 5]
+    assert [c["extra"] for c in result["curve"]] == [{"n": 1}, {"n": 3}, {"n": 5}]
+    # the lookup table holds every edit and its paraphrases: each prefix scores perfectly
+    out = evaluate(lm, stream[:3], "test-lookup", sequential=True, checkpoints=[2],
+                   score_checkpoints=True, check_restore=True)  # fmt: skip
+    curve = out["lifelong"]["curve"]
+    assert [c["n_edits"] for c in curve] == [2, 3]
+    assert all(c["extra"]["ES"] == 1.0 and c["extra"]["PS"] == 1.0 for c in curve)
+    for bad in ([0], [6], [1.5], [True]):
+        with pytest.raises(ValueError, match="checkpoints"):
+            lifelong(lm, stream[:5], "test-lookup", checkpoints=bad)
+
+
 @pytest.mark.parametrize("method", ["ft-l", "tpatcher"])
 def test_real_methods_on_a_short_stream(lm, stream, method):
     fingerprint = weights_fingerprint(lm)

@@ -19,17 +19,6 @@ N = 4000  # key vectors in C for the tests (the default is 20,000)
 FAST = dict(mom2_n_samples=N)
 
 
-@pytest.fixture(scope="module")
-def fingerprint(lm):
-    return weights_fingerprint(lm)
-
-
-@pytest.fixture
-def unchanged(lm, fingerprint):
-    yield
-    assert weights_fingerprint(lm) == fingerprint
-
-
 # -- statistics ---------------------------------------------------------------------------
 def test_second_moment_is_symmetric_psd_and_cached(lm):
     layer = ROMEHParams.for_model(lm).layers[0]
@@ -185,6 +174,7 @@ def test_rome_update_is_rank_one_on_the_model(lm, facts, unchanged):
         (dict(v_lr=float("nan")), ValueError, "finite"),
         (dict(mom2_corpus="nowhere"), ValueError, "mom2_corpus"),
         (dict(context_templates=((5, 0),)), ValueError, "context_templates"),
+        (dict(early_stop_term="kl"), ValueError, "early_stop_term"),
         (dict(no_such_knob=1), TypeError, "unknown hyperparameter"),
     ],
 )
@@ -202,6 +192,27 @@ def test_rome_failure_inside_the_method_restores(lm, facts, unchanged, monkeypat
     monkeypatch.setattr(rome, "rome_delta", boom)
     with pytest.raises(RuntimeError, match="boom"):
         edit(lm, facts[0], "rome", v_num_grad_steps=1, **FAST)
+
+
+def test_batched_values_match_one_at_a_time_when_requests_stop_early(lm, facts):
+    """Requests optimised together give the δ each gets alone: rows of different requests
+    never mix, and a request that stops early leaves the batch without disturbing the rest."""
+    from dataclasses import replace
+
+    from medit_lite.methods.rome import context_templates, optimise_delta
+
+    hp = replace(ROMEHParams.for_model(lm), context_templates=((5, 2),), v_num_grad_steps=8,
+                 v_lr=2.0, early_stop_term="nll", early_stop_loss=0.7)  # fmt: skip
+    templates = context_templates(lm, hp.context_templates, hp.seed)
+    requests = [facts[0], facts[20], facts[40]]
+    module = ("mlp", hp.layers[0])
+    together = optimise_delta(lm, requests, module, hp, templates)
+    alone = [optimise_delta(lm, [r], module, hp, templates)[0] for r in requests]
+    steps = [len(v.losses) for v in together]
+    assert len(set(steps)) > 1, f"all requests took {steps} steps: the test needs early stops"
+    for t, a in zip(together, alone):
+        assert len(t.losses) == len(a.losses)
+        assert torch.allclose(t.delta, a.delta, rtol=1e-3, atol=1e-3 * float(a.delta.norm()))
 
 
 def test_memit_batch_flips_most_facts_and_restores_exactly(lm, facts, unchanged):

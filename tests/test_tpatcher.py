@@ -6,34 +6,13 @@ import math
 import pytest
 import torch
 
-from medit_lite import edit, weights_fingerprint
+from medit_lite import edit
 from medit_lite.methods import tpatcher as tp
 from medit_lite.requests import EditRequest
 
 
-@pytest.fixture(scope="module")
-def fingerprint(lm):
-    return weights_fingerprint(lm)
-
-
 def _n_params(lm):
     return sum(p.numel() for p in lm.model.parameters())
-
-
-def _hook_counts(lm):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.model.modules()]
-
-
-@pytest.fixture
-def unchanged(lm, fingerprint):
-    """Every test using this checks the model is bit-identical afterwards: same weights,
-    no patch module left, no hook left behind."""
-    hooks = _hook_counts(lm)
-    n = _n_params(lm)
-    yield
-    assert weights_fingerprint(lm) == fingerprint
-    assert not [name for name, _ in lm.model.named_modules() if tp.BANK_NAME in name]
-    assert _hook_counts(lm) == hooks and _n_params(lm) == n
 
 
 def _exact(lm, prompt, target):
@@ -161,3 +140,23 @@ def test_losses_match_hand_computation():
     got = float(tp.memory_loss(memory_pre, edit_pre, 3.0, 3.0, top_k=2))
     assert math.isclose(got, silent + gap, rel_tol=1e-6)
     assert math.isclose(float(tp.top_k_exp_mean(torch.tensor([0.0]), 5)), 1.0)
+
+
+def test_probe_memory_texts_hold_out_the_stream():
+    from medit_lite.requests import Probe
+
+    def req(i, probes):
+        return EditRequest(f"Question {i} about {{}}?", f"S{i}", f"T{i}",
+                           paraphrases=(f"Other question {i} about S{i}?",),
+                           neighborhood=tuple(Probe(p, a) for p, a in probes))  # fmt: skip
+
+    stream = [req(0, [("nq: shared", "x")]), req(1, [("nq: one", "y")])]
+    held_out = [
+        req(2, [("nq: two", "a"), ("nq: shared", "x")]),  # a stream probe: never memory
+        req(3, [("nq: three", "b"), ("nq: two", "a"), ("Question 0 about S0?", "T0")]),
+    ]
+    texts = tp.probe_memory_texts(held_out, exclude=stream)
+    assert texts == ("nq: two a", "nq: three b")
+    assert tp.probe_memory_texts(held_out, exclude=stream, limit=1) == ("nq: two a",)
+    assert tp.probe_memory_texts(held_out) == ("nq: two a", "nq: shared x", "nq: three b",
+                                               "Question 0 about S0? T0")  # fmt: skip

@@ -40,37 +40,19 @@ from ..editing import register
 from ..models import LM
 from ..requests import EditRequest
 from ..stats import second_moments
-from .rome import (
-    FACT_TOKENS,
-    _check_corpus,
-    _check_templates,
-    context_templates,
-    lookup_states,
-    optimise_delta,
-)
+from .rome import LocateHParams, context_templates, lookup_states, optimise_delta
 
 
 @dataclass(frozen=True)
-class MEMITHParams:
-    """Hyperparameters of MEMIT (names follow the reference configuration files)."""
+class MEMITHParams(LocateHParams):
+    """Hyperparameters of MEMIT: the shared ones of :class:`~.rome.LocateHParams` (with the
+    paper's smaller clamp, relative to the residual stream), the layers and λ."""
 
     layers: tuple[int, ...] = (2, 3, 4, 5, 6)
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-    mom2_adjustment: bool = True
-    mom2_corpus: str = "offline"
-    mom2_n_samples: int = 20_000
-    mom2_max_length: int = 128
     mom2_update_weight: float = 15_000.0
     #: requests whose δ are optimised together (memory grows with it)
     batch_size: int = 16
-    seed: int = 0
 
     @classmethod
     def for_model(cls, lm: LM) -> MEMITHParams:
@@ -86,18 +68,9 @@ class MEMITHParams:
     def validate(self, lm: LM) -> None:
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError("hyperparameter layers must be increasing and distinct")
-        if self.fact_token not in FACT_TOKENS:
-            raise ValueError(f"hyperparameter fact_token must be one of {FACT_TOKENS}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("hyperparameter v_num_grad_steps must be at least 1")
-        if self.v_lr <= 0:
-            raise ValueError("hyperparameter v_lr must be positive")
-        if self.clamp_norm_factor <= 0:
-            raise ValueError("hyperparameter clamp_norm_factor must be positive")
         if self.batch_size < 1:
             raise ValueError("hyperparameter batch_size must be at least 1")
-        _check_templates(self.context_templates)
-        _check_corpus(self)
+        self.validate_common()
 
 
 #: λ for models without a released configuration, measured on SmolLM2-135M: with the

@@ -279,6 +279,29 @@ def builtin_memory_texts() -> list[str]:
     return list(json.loads(text))
 
 
+def probe_memory_texts(
+    requests: Sequence[EditRequest], exclude: Sequence[EditRequest] = (), limit: int = 300
+) -> tuple[str, ...]:
+    """Memory texts drawn from a task, as the paper does with its training data: the
+    neighborhood probes (prompt and answer) of *held-out* ``requests``, at most ``limit``.
+
+    The probes of ``exclude`` (the stream being edited and measured) and its edit prompts
+    and paraphrases are never taken, so a locality score computed on ``exclude``'s probes
+    stays a score on inputs the patches were not trained on. Only probes are used, not the
+    held-out edit questions: those look like the stream's paraphrases, and training the
+    patches to stay silent on them would cost generalization.
+    """
+    banned = {p.prompt for r in exclude for p in r.neighborhood}
+    banned |= {r.text for r in exclude} | {q for r in exclude for q in r.paraphrases}
+    texts: list[str] = []
+    for r in requests:
+        for probe in r.neighborhood:
+            text = f"{probe.prompt} {probe.answer}"
+            if probe.prompt not in banned and text not in texts and len(texts) < limit:
+                texts.append(text)
+    return tuple(texts)
+
+
 @torch.no_grad()
 def ffn_inputs(
     lm: LM, layer: int, texts: Sequence[str], batch_size: int = 32, skip_first: bool = False
