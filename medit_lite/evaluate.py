@@ -50,18 +50,21 @@ def evaluate(
     elif sequential:
         from .lifelong import lifelong
 
+        scored: dict[int, list] = {}  # rows scored at a checkpoint, by number of edits
+
+        def at_checkpoint(m, n):
+            scored[n] = score(requests[:n], reference[:n])
+            return summarize(scored[n])
+
         stream = lifelong(
             lm,
             requests,
             method,
             every=every,
             checkpoints=checkpoints,
-            at_checkpoint=(
-                (lambda m, n: summarize(score(requests[:n], reference[:n])))
-                if score_checkpoints
-                else None
-            ),
-            at_end=lambda m: score(requests, reference),
+            at_checkpoint=at_checkpoint if score_checkpoints else None,
+            # the last checkpoint, when scored, already holds every request's rows
+            at_end=lambda m: scored.get(len(requests)) or score(requests, reference),
             **overrides,
         )
         rows = stream.pop("at_end")
