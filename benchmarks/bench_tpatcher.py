@@ -39,12 +39,12 @@ def task_memory(requests, start: int, size: int) -> tuple[str, ...]:
     from medit_lite import load_zsre, shared_data
     from medit_lite.methods import tpatcher as tp
 
+    if start < len(requests):
+        raise SystemExit("--memory-from must lie after the stream")
     path = shared_data(ZSRE)
     if path is None:
         return ()
     held_out = load_zsre(path)[start:]
-    if start < len(requests):
-        raise SystemExit("--memory-from must lie after the stream")
     extra = tp.probe_memory_texts(held_out, exclude=requests, limit=size)
     return tuple(tp.builtin_memory_texts()) + extra
 
@@ -68,13 +68,11 @@ def main() -> None:
     memory = (
         task_memory(requests, args.memory_from, args.memory_size) if args.memory == "task" else ()
     )
-    args.memory_texts = len(memory)
     runs, rows = {}, []
     for method in args.methods.split(","):
         overrides = {"memory_texts": memory} if method == "tpatcher" and memory else {}
         start = time.perf_counter()
         result = lifelong(lm, requests, method, every=args.every, **overrides)
-        result["memory_texts"] = len(memory) if overrides else None
         result["total_seconds"] = time.perf_counter() - start
         runs[method] = result
         print(format_curve(result), f"\n({result['total_seconds']:.0f} s in all)\n", flush=True)
@@ -92,11 +90,11 @@ def main() -> None:
                 "changed params": final["changed_params"],
             }
         )
-        _save(lm, name, requests, args, rows, runs)
+        _save(lm, name, requests, args, rows, runs, len(memory))
     print_table(rows, list(rows[0]))
 
 
-def _save(lm, name, requests, args, rows, runs) -> None:
+def _save(lm, name, requests, args, rows, runs, memory_texts: int) -> None:
     """Written after each method, so a long run keeps what it has measured. Runs of other
     methods on the same stream already in the file are kept (``--methods`` may be split
     over several processes)."""
@@ -115,7 +113,7 @@ def _save(lm, name, requests, args, rows, runs) -> None:
             "tpatcher_memory": {
                 "kind": args.memory,
                 "from_record": args.memory_from,
-                "texts": args.memory_texts,
+                "texts": memory_texts,
             },  # fmt: skip
             "table": table,
             "runs": kept

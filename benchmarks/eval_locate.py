@@ -22,11 +22,9 @@ import torch
 from common import RESULTS, counterfact_sample, save
 
 from medit_lite import edit, load_model
-from medit_lite.editing import register
+from medit_lite.editing import get_method, register
 from medit_lite.evaluate import evaluate, format_table
-from medit_lite.methods.memit import MEMITHParams, execute_memit
-from medit_lite.methods.memit import _targets as memit_targets
-from medit_lite.methods.memit import _weights as memit_weights
+from medit_lite.methods.memit import execute_memit, memit_targets
 from medit_lite.methods.rome import context_templates
 from medit_lite.metrics import locality_reference, score_requests, summarize
 
@@ -49,7 +47,10 @@ def _key(r):
     return (r.prompt, r.subject, r.target_new)
 
 
-@register("memit-reuse-z", MEMITHParams, memit_weights)
+MEMIT = get_method("memit")
+
+
+@register("memit-reuse-z", MEMIT.hparams, MEMIT.params)
 def _memit_reusing_targets(lm, requests, hp):
     """MEMIT with the z of earlier batches (benchmark-only; the update is MEMIT's)."""
     todo = [r for r in requests if _key(r) not in Z_CACHE]

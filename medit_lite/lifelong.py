@@ -165,7 +165,7 @@ def lifelong(
 def _checkpoint_set(checkpoints, every: int, n: int) -> set[int]:
     """The edit counts after which a checkpoint is taken (always including ``n``)."""
     if checkpoints is None:
-        return {k for k in range(every, n + 1, every)} | {n}
+        return set(range(every, n + 1, every)) | {n}
     marks = list(checkpoints)
     for k in marks:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:

@@ -44,6 +44,7 @@ from .rome import (
     SMOLLM2_TUNED,
     LocateHParams,
     context_templates,
+    default_layer,
     lookup_states,
     optimise_delta,
 )
@@ -65,8 +66,6 @@ class MEMITHParams(LocateHParams):
         key = lm.name.rstrip("/").split("/")[-1].lower()
         if key in PAPER_DEFAULTS:
             return PAPER_DEFAULTS[key]
-        from .rome import default_layer
-
         top = min(lm.n_layers - 1, default_layer(lm) + 2)
         layers = tuple(range(max(0, top - 4), top + 1))
         return cls(layers=layers, mom2_update_weight=DEFAULT_LAMBDA, **MEMIT_TUNED)
@@ -127,7 +126,7 @@ def memit_update(
     return R64 @ adj.T
 
 
-def _targets(lm: LM, requests, hp, templates) -> tuple[torch.Tensor, list]:
+def memit_targets(lm: LM, requests, hp, templates) -> tuple[torch.Tensor, list]:
     """z_i for every request (optimised in chunks of ``batch_size``) and the histories."""
     z_layer = hp.layers[-1]
     zs, losses = [], []
@@ -144,7 +143,7 @@ def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets
     ``info["targets"]`` skips the optimisation (to compare λ or layers on the same z)."""
     templates = context_templates(lm, hp.context_templates, hp.seed)
     t0 = time.perf_counter()
-    zs, histories = _targets(lm, requests, hp, templates) if targets is None else targets
+    zs, histories = memit_targets(lm, requests, hp, templates) if targets is None else targets
     t1 = time.perf_counter()
     stats = None
     if hp.mom2_adjustment:

@@ -469,9 +469,10 @@ def optimise_delta(
         if kl_init is None:
             kl_init = kl_logp.detach().clone()
             v_init = state["init"][plain_rows_t]  # m: the output at the plain prompt
+        # KL(edited ‖ original) on the next token after "{subject} is a"
         kl_now = (kl_logp.exp() * (kl_logp - kl_init[view.requests])).sum(-1)
         kl = torch.zeros(n_req, device=dev).index_add(0, view.requests, kl_now)
-        wd = delta.norm(dim=1) / v_init.norm(dim=1) ** 2  # KL above is KL(edited ‖ original)
+        wd = delta.norm(dim=1) / v_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + hp.v_weight_decay * wd
         parts = torch.stack([loss, nll, kl, wd]).detach().tolist()
         for i in view.requests.tolist():
