@@ -26,9 +26,10 @@ with C = K Kᵀ / n the second moment of the layer's keys over real text
    × ‖m‖; the loop stops early when the loss drops below ``early_stop_loss`` (with
    ``early_stop_term="nll"``: when the NLL term alone does, see ``SMOLLM2_TUNED``). The KL is
    taken on the next token after p′, as in the paper's Eq. 4 (the reference code takes
-   it at the subject's last token). Only the layers from the edited one up are run in
-   the optimisation: the residual stream below it does not depend on δ and is replayed
-   (:mod:`medit_lite.replay`), and only δ requires a gradient.
+   it at the subject's last token). Only what δ can change is recomputed at each step:
+   the residual stream below the edited layer is replayed (:mod:`medit_lite.replay`),
+   the tokens before the subject's last token are run once and kept as a key/value
+   cache (attention is causal, so they never see δ), and only δ requires a gradient.
 3. **update** (Eq. 2, :func:`rank_one_update`): ΔW = Λ (C⁻¹ k*)ᵀ.
 
 **The r-ROME fix.** The reference implementation builds the direction C⁻¹k* from the
@@ -50,12 +51,15 @@ relative depth. See :data:`PAPER_DEFAULTS` and :func:`default_layer`.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import time
 import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import DynamicCache
 
 from ..editing import register
 from ..hooks import Hooks
@@ -324,43 +328,127 @@ class ValueResult:
 
 @dataclass
 class _RowIndex:
-    """The rows of :func:`optimise_delta`'s batch still being optimised, with the index
-    tensors that point into them (target tokens, KL positions, lookup tokens, owners)."""
+    """Rows of :func:`optimise_delta`'s batch, with the index tensors that point into them
+    (target tokens, KL positions, owners). Each row is split at its lookup token: the
+    *prefix* before it cannot depend on δ (attention is causal), so it is run once and
+    kept as a key/value cache; each optimisation step runs only the *suffix* (the lookup
+    token, where δ is added, and what follows it). Positions are counted in the suffix
+    (the lookup token is position 0 of every row); ``rows`` maps rows to the full batch.
+    """
 
-    batch: dict[str, torch.Tensor]
-    hidden: torch.Tensor | None  # the residual stream entering the edited layer
-    look: torch.Tensor  # [rows] lookup token of each row
+    suffix: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids of the suffixes
+    prefix: dict[str, torch.Tensor]  # input_ids, attention_mask of the prefixes
+    hidden: torch.Tensor | None  # the residual stream entering the edited layer (suffixes)
+    rows: torch.Tensor  # [rows] index of each row in the full batch
     owner: torch.Tensor  # [rows] the request each row belongs to
     tgt_rows: torch.Tensor  # [targets] row of each target token ...
     tgt_pos: torch.Tensor  # ... the position predicting it ...
     tgt_ids: torch.Tensor  # ... its id ...
     tgt_weight: torch.Tensor  # ... and 1 / (target tokens in its row)
-    kl_rows: torch.Tensor  # [requests] the "{subject} is a" row of each request ...
-    kl_pos: torch.Tensor  # ... and its last position
-    requests: torch.Tensor  # [requests] which requests (indices into the full list)
+    kl_rows: torch.Tensor  # [kl rows] the "{subject} is a" rows held here ...
+    kl_pos: torch.Tensor  # ... their last position ...
+    requests: torch.Tensor  # ... and their requests (indices into the full list)
+    _cache: object = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.suffix["attention_mask"].sum(1)
 
     def select(self, active: torch.Tensor) -> _RowIndex:
         """Only the rows of the requests where ``active`` (indexed by the full request list)
         is true: the finished requests' rows are dropped from the forward pass."""
-        keep_rows = active[self.owner]
+        return self.select_rows(active[self.owner])
+
+    def select_rows(self, keep_rows: torch.Tensor) -> _RowIndex:
+        """The rows where ``keep_rows`` is true, padded only to the longest of them."""
         sel = torch.nonzero(keep_rows).flatten()
         new_index = torch.full_like(self.owner, -1)
         new_index[sel] = torch.arange(len(sel), device=sel.device)
+        width = int(self.lengths[sel].max()) if len(sel) else 0
+        prefix_width = int(self.prefix["attention_mask"][sel].sum(1).max()) if len(sel) else 0
         keep_tgt = keep_rows[self.tgt_rows]
-        keep_req = active[self.requests]
+        keep_kl = keep_rows[self.kl_rows]
         return _RowIndex(
-            batch={k: v[sel] for k, v in self.batch.items()},
-            hidden=None if self.hidden is None else self.hidden[sel],
-            look=self.look[sel],
+            suffix={k: v[sel, :width] for k, v in self.suffix.items()},
+            prefix={k: v[sel, :prefix_width] for k, v in self.prefix.items()},
+            hidden=None if self.hidden is None else self.hidden[sel, :width],
+            rows=self.rows[sel],
             owner=self.owner[sel],
             tgt_rows=new_index[self.tgt_rows[keep_tgt]],
             tgt_pos=self.tgt_pos[keep_tgt],
             tgt_ids=self.tgt_ids[keep_tgt],
             tgt_weight=self.tgt_weight[keep_tgt],
-            kl_rows=new_index[self.kl_rows[keep_req]],
-            kl_pos=self.kl_pos[keep_req],
-            requests=self.requests[keep_req],
+            kl_rows=new_index[self.kl_rows[keep_kl]],
+            kl_pos=self.kl_pos[keep_kl],
+            requests=self.requests[keep_kl],
         )
+
+    def by_length(self, max_parts: int = 3) -> list[_RowIndex]:
+        """The rows split into at most ``max_parts`` groups of similar suffix length, chosen
+        to pad as few tokens as possible."""
+        cuts = _length_cuts(sorted(self.lengths.tolist()), max_parts)
+        if len(cuts) == 1:
+            return [self]
+        parts, low = [], 0
+        length_t = self.lengths
+        for high in cuts:
+            parts.append(self.select_rows((length_t > low) & (length_t <= high)))
+            low = high
+        return parts
+
+    def inputs(self, lm: LM) -> dict:
+        """Keyword arguments of the model's forward pass over the suffixes: with a fresh
+        copy of the prefixes' key/value cache (each pass appends to it) when there is a
+        prefix. The cache is computed on first use, without gradients: every row's
+        prefix is run with all its positions visible (a pad only ever follows the real
+        tokens of its row, so the real tokens' keys and values are exact and no row is
+        fully masked), and then masked in the suffix pass."""
+        if self.prefix["input_ids"].shape[1] == 0:
+            return self.suffix | {"use_cache": False}
+        if self._cache is None:
+            self._cache = DynamicCache(config=lm.model.config)
+            with torch.no_grad():
+                lm.model(
+                    input_ids=self.prefix["input_ids"],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{_cache_keyword(lm): self._cache},
+                )
+        mask = torch.cat([self.prefix["attention_mask"], self.suffix["attention_mask"]], 1)
+        return {
+            "input_ids": self.suffix["input_ids"],
+            "position_ids": self.suffix["position_ids"],
+            "attention_mask": mask,
+            "use_cache": True,
+            _cache_keyword(lm): copy.deepcopy(self._cache),
+        }
+
+
+def _cache_keyword(lm: LM) -> str:
+    """The name of the forward pass's cache argument (``cache`` from transformers 5.2x on,
+    ``past_key_values`` before)."""
+    params = inspect.signature(lm.model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _length_cuts(lengths: list[int], max_parts: int) -> list[int]:
+    """Upper lengths of ≤ ``max_parts`` groups of the sorted ``lengths`` that minimise the
+    padded tokens Σ_groups (rows × longest row), by dynamic programming over split points
+    (a group never splits rows of equal length)."""
+    n = len(lengths)
+    ends = [i for i in range(1, n + 1) if i == n or lengths[i] != lengths[i - 1]]
+    best = {0: (0, [])}  # rows covered → (padded tokens, cut lengths)
+    for _ in range(max_parts):
+        nxt = dict(best)
+        for start, (cost, cuts) in best.items():
+            for end in ends:
+                if end <= start:
+                    continue
+                c = cost + (end - start) * lengths[end - 1]
+                if end not in nxt or c < nxt[end][0]:
+                    nxt[end] = (c, cuts + [lengths[end - 1]])
+        best = nxt
+    return best[n][1]
 
 
 def optimise_delta(
@@ -369,13 +457,18 @@ def optimise_delta(
     module: tuple[str, int],
     hp,
     templates: list[str],
+    prefix_cache: bool = True,
 ) -> list[ValueResult]:
     """δ for each request: added to the output of ``module`` (``("mlp", L)`` for ROME,
     ``("layer", L)`` for MEMIT) at the lookup token of every row, optimised as in Eq. 4.
 
-    Requests are optimised together (one forward and backward pass for all their rows,
-    one δ each); a request that reaches ``early_stop_loss`` is frozen and its rows leave
-    the batch, so the passes shrink as requests finish.
+    Requests are optimised together (one δ each; the loss is a sum over requests, so one
+    backward pass serves all); a request that reaches ``early_stop_loss`` is frozen and
+    its rows leave the batch, so the passes shrink as requests finish. The rows go
+    through the model in a few groups of similar length (:meth:`_RowIndex.by_length`)
+    rather than one batch padded to the longest row, and only from the lookup token on:
+    the tokens before it are run once and kept as a key/value cache (``prefix_cache``;
+    turning it off gives the same δ up to rounding, in about twice the time).
     """
     kind, layer = module
     if templates[0] != "{}":
@@ -398,17 +491,24 @@ def optimise_delta(
         rows.append(kl_ids)
         owner.append(i)
         lookup.append((kl_idx, len(kl_ids), None))
-    batch = _batch(lm, rows)
     dev = lm.device
     n_req = len(requests)
+    look = [idx for idx, _, _ in lookup]
+    if not prefix_cache:
+        look = [0] * len(rows)
+    batch = _batch(lm, rows)
+    suffix = _batch(lm, [row[a:] for row, a in zip(rows, look)])
+    suffix["position_ids"] = (
+        torch.arange(suffix["input_ids"].shape[1], device=dev)[None]
+        + torch.tensor(look, device=dev)[:, None]
+    )
     owner_t = torch.tensor(owner, device=dev)
-    look_t = torch.tensor([idx for idx, _, _ in lookup], device=dev)
     # where the loss reads the logits: every target token of the rewriting rows ...
     tgt_rows, tgt_pos, tgt_ids = [], [], []
     for r, (_, n_prompt, target_ids) in enumerate(lookup):
         for j, t in enumerate(target_ids or []):
             tgt_rows.append(r)
-            tgt_pos.append(n_prompt - 1 + j)
+            tgt_pos.append(n_prompt - 1 + j - look[r])
             tgt_ids.append(t)
     tgt_rows_t = torch.tensor(tgt_rows, device=dev)
     # ... and the next token after "{subject} is a"
@@ -422,68 +522,87 @@ def optimise_delta(
         0, owner_t[tgt_rows_t], 1.0 / tokens_per_row[tgt_rows_t]
     )
     hidden = layer_input(lm, batch, layer)  # the stream below the edited layer, fixed
+    if hidden is not None:
+        at = (suffix["position_ids"]).clamp(max=hidden.shape[1] - 1)
+        hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[2]))
     full = _RowIndex(
-        batch=batch,
+        suffix=suffix,
+        prefix=_batch(lm, [row[:a] for row, a in zip(rows, look)]),
         hidden=hidden,
-        look=look_t,
+        rows=torch.arange(len(rows), device=dev),
         owner=owner_t,
         tgt_rows=tgt_rows_t,
         tgt_pos=torch.tensor(tgt_pos, device=dev),
         tgt_ids=torch.tensor(tgt_ids, device=dev),
         tgt_weight=1.0 / tokens_per_row[tgt_rows_t],
         kl_rows=kl_rows_t,
-        kl_pos=batch["attention_mask"][kl_rows_t].sum(1) - 1,
+        kl_pos=suffix["attention_mask"][kl_rows_t].sum(1) - 1,
         requests=torch.arange(n_req, device=dev),
     )
-    view = full
+    # the lookup token of each row, in the suffix (0 unless prefix_cache is off)
+    lookup_t = torch.tensor([idx - a for (idx, _, _), a in zip(lookup, look)], device=dev)
+    parts = full.by_length()
 
     d = lm.d_model
     delta = torch.zeros(n_req, d, device=dev, dtype=torch.float32, requires_grad=True)
-    state = {}
+    init = torch.zeros(len(rows), d, device=dev)  # each row's output at the lookup token
+    unembed = lm.module("unembed")
+    kl_init = torch.zeros(n_req, unembed.weight.shape[0], device=dev)
 
-    def add_delta(out):
-        rows_now = torch.arange(len(view.look), device=out.device)
-        if "init" not in state:  # the first pass runs every row
-            state["init"] = out[rows_now, view.look].detach().float().clone()
-        out = out.clone()
-        out[rows_now, view.look] = out[rows_now, view.look] + delta[view.owner].to(out.dtype)
-        return out
+    def run(part: _RowIndex, first: bool):
+        """One pass over ``part`` with δ added: (target token NLLs, KL rows' log-probs)."""
+
+        def add_delta(out):
+            at = torch.arange(len(part.rows), device=out.device)
+            where = lookup_t[part.rows]
+            if first:
+                init[part.rows] = out[at, where].detach().float()
+            out = out.clone()
+            out[at, where] = out[at, where] + delta[part.owner].to(out.dtype)
+            return out
+
+        inputs = part.inputs(lm)  # (the prefix cache runs the whole model: outside the hooks)
+        with Hooks() as h, replay_layers(lm, layer, part.hidden):
+            h.edit_output(lm.module(kind, layer), add_delta)
+            normed = h.capture_output(lm.module("final_norm"), detach=False)
+            lm.model(**inputs, logits_to_keep=1)
+        final = normed.value
+        logp = torch.log_softmax(unembed(final[part.tgt_rows, part.tgt_pos]).float(), -1)
+        tok_nll = -logp.gather(1, part.tgt_ids[:, None])[:, 0] * part.tgt_weight
+        kl_logp = torch.log_softmax(unembed(final[part.kl_rows, part.kl_pos]).float(), -1)
+        return tok_nll, kl_logp
 
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=dev)
     histories: list[list[dict]] = [[] for _ in range(n_req)]
-    kl_init = v_init = None
-    unembed = lm.module("unembed")
+    v_init = None
     for step in range(hp.v_num_grad_steps):
         opt.zero_grad(set_to_none=True)
-        with Hooks() as h, replay_layers(lm, layer, view.hidden):
-            h.edit_output(lm.module(kind, layer), add_delta)
-            normed = h.capture_output(lm.module("final_norm"), detach=False)
-            lm.model(**view.batch, use_cache=False, logits_to_keep=1)
-        final = normed.value
-        logp = torch.log_softmax(unembed(final[view.tgt_rows, view.tgt_pos]).float(), -1)
-        tok_nll = -logp.gather(1, view.tgt_ids[:, None])[:, 0] * view.tgt_weight
-        nll = torch.zeros(n_req, device=dev).index_add(0, view.owner[view.tgt_rows], tok_nll)
+        nll = torch.zeros(n_req, device=dev)
+        kl = torch.zeros(n_req, device=dev)
+        for part in parts:
+            tok_nll, kl_logp = run(part, first=step == 0)
+            nll = nll.index_add(0, part.owner[part.tgt_rows], tok_nll)
+            if step == 0:
+                kl_init[part.requests] = kl_logp.detach()
+            # KL(edited ‖ original) on the next token after "{subject} is a"
+            kl_now = (kl_logp.exp() * (kl_logp - kl_init[part.requests])).sum(-1)
+            kl = kl.index_add(0, part.requests, kl_now)
         nll = nll / rows_per_req
-        kl_logp = torch.log_softmax(unembed(final[view.kl_rows, view.kl_pos]).float(), -1)
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()
-            v_init = state["init"][plain_rows_t]  # m: the output at the plain prompt
-        # KL(edited ‖ original) on the next token after "{subject} is a"
-        kl_now = (kl_logp.exp() * (kl_logp - kl_init[view.requests])).sum(-1)
-        kl = torch.zeros(n_req, device=dev).index_add(0, view.requests, kl_now)
+        if v_init is None:
+            v_init = init[plain_rows_t]  # m: the output at the plain prompt
         wd = delta.norm(dim=1) / v_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + hp.v_weight_decay * wd
-        parts = torch.stack([loss, nll, kl, wd]).detach().tolist()
-        for i in view.requests.tolist():
+        values = torch.stack([loss, nll, kl, wd]).detach().tolist()
+        for i in torch.nonzero(active).flatten().tolist():
             histories[i].append(
                 {
                     "step": step,
-                    "loss": parts[0][i],
-                    "nll": parts[1][i],
-                    "kl": parts[2][i],
-                    "weight_decay": parts[3][i],
-                    "p_target": math.exp(-parts[1][i]),
+                    "loss": values[0][i],
+                    "nll": values[1][i],
+                    "kl": values[2][i],
+                    "weight_decay": values[3][i],
+                    "p_target": math.exp(-values[1][i]),
                 }
             )
         watched = nll if hp.early_stop_term == "nll" else loss
@@ -501,10 +620,10 @@ def optimise_delta(
             delta.mul_(scale[:, None])
         if not torch.equal(still, active):  # finished requests leave the batch
             active = still
-            view = full.select(active)
-    plain = state["init"][plain_rows_t]
+            parts = full.select(active).by_length()
     return [
-        ValueResult(delta[i].detach().clone(), plain[i].clone(), histories[i]) for i in range(n_req)
+        ValueResult(delta[i].detach().clone(), v_init[i].clone(), histories[i])
+        for i in range(n_req)
     ]
 
 
