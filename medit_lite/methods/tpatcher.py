@@ -293,12 +293,12 @@ def probe_memory_texts(
     """
     banned = {p.prompt for r in exclude for p in r.neighborhood}
     banned |= {r.text for r in exclude} | {q for r in exclude for q in r.paraphrases}
-    texts: list[str] = []
+    texts: dict[str, None] = {}  # insertion-ordered, with constant-time membership
     for r in requests:
         for probe in r.neighborhood:
             text = f"{probe.prompt} {probe.answer}"
-            if probe.prompt not in banned and text not in texts and len(texts) < limit:
-                texts.append(text)
+            if probe.prompt not in banned and len(texts) < limit:
+                texts.setdefault(text)
     return tuple(texts)
 
 
