@@ -54,7 +54,7 @@ def main() -> None:
         s = summary(seconds if isinstance(seconds, list) else [seconds])
         rows.append({"what": what, "median s": f"{s['median']:.2f}", "min s": f"{s['min']:.2f}",
                      "max s": f"{s['max']:.2f}", "n": n,
-                     "peak MiB": "" if memory is None else f"{memory:.0f}"})  # fmt: skip
+                     "peak growth MiB": "" if memory is None else f"{memory:.0f}"})  # fmt: skip
         return s
 
     # statistics of one layer and an edit that has to compute them, in an empty cache
@@ -118,8 +118,9 @@ def main() -> None:
     assert weights_fingerprint(lm) == before
     payload["peak_rss_mib"] = peak_rss_mib()
     payload["load_average_end"] = os.getloadavg()  # other processes sharing the CPU
-    print_table(rows, ["what", "median s", "min s", "max s", "n", "peak MiB"])
+    print_table(rows, ["what", "median s", "min s", "max s", "n", "peak growth MiB"])
     print(f"peak resident memory of the process: {payload['peak_rss_mib']:.0f} MiB")
+    print("peak growth: how far a step raised the process's peak (0: it fit in memory in use)")
     save("rome", payload)
 
 

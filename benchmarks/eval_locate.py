@@ -69,12 +69,13 @@ def _memit_reusing_targets(lm, requests, hp):
     return info
 
 
-def memit_batch(lm, requests) -> dict:
-    """All ``requests`` written by one MEMIT call, scored, then restored."""
+def memit_batch(lm, requests, ge_tokens: int = 0) -> dict:
+    """All ``requests`` written by one MEMIT call, scored (GE too with ``ge_tokens``),
+    then restored."""
     reused = sum(_key(r) in Z_CACHE for r in requests)
     reference = locality_reference(lm, requests)
     with edit(lm, requests, "memit-reuse-z") as res:
-        rows = score_requests(lm, requests, reference)
+        rows = score_requests(lm, requests, reference, generation_tokens=ge_tokens)
         info = {k: v for k, v in res.info[0].items() if k not in ("targets", "p_target")}
     return {"method": "memit", "n": len(requests), "sequential": False,
             "metrics": summarize(rows), "seconds_total": res.seconds, "targets_reused": reused,
@@ -100,7 +101,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["none", "rome", "ft", "ft-l"])
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--counts", type=int, nargs="*", default=[10, 100, 300])
-    parser.add_argument("--ge-tokens", type=int, default=0)
+    parser.add_argument(
+        "--ge-tokens", type=int, default=0, help="GE: tokens generated per prompt (0: no GE)"
+    )
     parser.add_argument(
         "--baseline-limit",
         type=int,
@@ -152,7 +155,7 @@ def main() -> None:
         curve = curves.setdefault(str(n), {})
         if "MEMIT (batch)" not in curve:
             t0 = time.perf_counter()
-            curve["MEMIT (batch)"] = memit_batch(lm, requests[:n]) | {
+            curve["MEMIT (batch)"] = memit_batch(lm, requests[:n], args.ge_tokens) | {
                 "label": "MEMIT (batch)", "wall_seconds": time.perf_counter() - t0}  # fmt: skip
             print(n, "MEMIT", curve["MEMIT (batch)"]["metrics"], flush=True)
             write()

@@ -7,7 +7,7 @@ from medit_lite.analysis import known_facts, logit_lens, mlp_key_value, top_memo
 from medit_lite.analysis.tracing import window_layers
 from medit_lite.hooks import Hooks
 from medit_lite.positions import subject_span
-from medit_lite.replay import layer_input, replay_layers
+from medit_lite.replay import final_hidden, layer_input, replay_layers
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -99,6 +99,65 @@ def test_trace_restoration_matches_a_single_manual_run(lm, eiffel):
         probs.append(float(torch.softmax(logits, -1)[res.answer_id]))
     row = res.positions.index(end - 1)
     assert abs(sum(probs) / SAMPLES - float(res.scores[row, col])) < 1e-4
+
+
+def test_prefix_cache_and_staggered_rows_give_the_scores_of_full_rows(lm):
+    """Rows that run only from their restored token on (prefix keys and values from the
+    corrupted run) and share passes across start layers score as whole-prompt rows."""
+    prompt, subject = "In the middle of Paris, the Eiffel Tower is located in", "the Eiffel Tower"
+    kw = dict(samples=2, layers=[0, 4, 12, 20, 29], window=6, show_progress=False)
+    fast = trace(lm, prompt, subject, **kw)
+    full = trace(lm, prompt, subject, prefix_cache=False, **kw)
+    for kind in fast:
+        assert torch.allclose(fast[kind].scores, full[kind].scores, atol=1e-5)
+        assert fast[kind].corrupted == full[kind].corrupted
+    assert all(type(m).__name__ not in ("_Block", "_Replay") for m in lm.model.modules())
+
+
+def test_window_restoration_matches_a_single_manual_run(lm):
+    """An MLP cell with its window, at a token after the subject (a row whose prefix comes
+    from the cache), equals a hand-made corrupted run with those outputs put back."""
+    positions = ["first_after", "last"]
+    res = trace(lm, PROMPT, SUBJECT, kinds="mlp", samples=SAMPLES, layers=[8],
+                positions=positions, window=4, show_progress=False)["mlp"]  # fmt: skip
+    start, end = res.subject_range
+    gen = torch.Generator().manual_seed(1)
+    eps = torch.randn(SAMPLES, end - start, lm.d_model, generator=gen) * res.noise
+    ids = lm.tokenize([PROMPT])["input_ids"]
+    layers = window_layers(8, 4, lm.n_layers)
+    with torch.no_grad(), Hooks() as h:
+        clean = {j: h.capture_output(lm.module("mlp", j)) for j in layers}
+        lm.model(input_ids=ids)
+    for row, token in enumerate(res.positions):
+        probs = []
+        for s in range(SAMPLES):
+            with torch.no_grad(), Hooks() as h:
+                h.edit_output(lm.module("embed"), lambda x, s=s: _add_at(x, start, end, eps[s]))
+                for j in layers:
+                    h.edit_output(lm.module("mlp", j), lambda x, j=j, t=token: _put(x, t, clean[j]))
+                logits = lm.model(input_ids=ids).logits[0, -1]
+            probs.append(float(torch.softmax(logits, -1)[res.answer_id]))
+        assert abs(sum(probs) / SAMPLES - float(res.scores[row, 0])) < 1e-4
+
+
+def _add_at(x, start, end, noise):
+    x = x.clone()
+    x[:, start:end] += noise
+    return x
+
+
+def _put(x, token, clean):
+    x = x.clone()
+    x[:, token] = clean.value[:, token]
+    return x
+
+
+def test_final_hidden_gives_the_models_logits(lm):
+    batch = lm.tokenize([PROMPT, "The capital of France is"])
+    with torch.no_grad():
+        logits = lm.model(**batch).logits
+        normed = final_hidden(lm, **batch)
+    assert torch.allclose(lm.module("unembed")(normed), logits, atol=1e-4)
 
 
 @pytest.mark.parametrize(

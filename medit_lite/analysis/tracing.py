@@ -16,27 +16,39 @@ The *indirect effect* of a state is IE = P_restored(o) − P_corrupted(o), avera
 ``samples`` noise draws. States with a large IE mediate the recall of the fact.
 
 Batching: every (kind, token, layer, noise sample) restoration is one row of a batch, so
-a whole heatmap costs a few forward passes instead of one per cell. Rows are built from
-the same prompt, so no padding is needed; only the last position's logits are computed.
-Tokens before the subject are never touched by the noise (attention is causal), so
-restoring them is a no-op: their cells take the corrupted value without a forward pass.
+a whole heatmap costs a few hundred forward passes instead of one per row. Rows are built
+from the same prompt, so no padding is needed; only the last position's logits are
+computed. Attention is causal, which saves work twice:
+
+* tokens before the subject are never touched by the noise, so restoring them is a no-op:
+  their cells take the corrupted value without a forward pass;
+* a restoration at token t changes nothing at the tokens before t. A row therefore runs
+  only tokens t, t+1, ... and reads the keys and values of the tokens before t from the
+  corrupted run (``prefix_cache``).
+
+And a restoration changes nothing below the first layer it touches: there a row replays
+the corrupted residual stream. Rows that start at the same token share a forward pass
+even when they start at different layers (:func:`~medit_lite.replay.staggered_layers`:
+each block runs only on the rows that have started), so the batches stay large.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from ..hooks import Hooks
 from ..metrics import target_text
 from ..models import LM
 from ..positions import subject_span
 from ..progress import progress
-from ..replay import replay_layers
+from ..replay import PrefixKV, cache_keyword, final_hidden, record_kv, staggered_layers
 
 KINDS = ("layer", "mlp", "attn")
 #: Named token positions accepted by ``positions=`` (the categories of the paper's Fig. 2).
@@ -134,13 +146,11 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - half), min(n_layers, layer - half + max(window, 1)))
 
 
-def _forward_last_logits(lm: LM, ids: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position only (``logits_to_keep``), for a [B, T] batch."""
-    try:
-        out = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    except TypeError:  # a model without logits_to_keep
-        out = lm.model(input_ids=ids, use_cache=False)
-    return out.logits[:, -1]
+def _forward_last_logits(lm: LM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits at the last position only, for a [B, T] batch."""
+    kwargs.setdefault("use_cache", False)
+    normed = final_hidden(lm, input_ids=ids, **kwargs)
+    return lm.module("unembed")(normed[:, -1].contiguous())
 
 
 def _check_inputs(lm, prompt, subject, kinds, samples, noise, window, batch_size):
@@ -180,6 +190,7 @@ def trace(
     seed: int = 1,
     batch_size: int = 384,
     show_progress: bool = True,
+    prefix_cache: bool = True,
 ) -> dict[str, TraceResult]:
     """Causal traces of one fact: one :class:`TraceResult` per kind in ``kinds``.
 
@@ -188,6 +199,8 @@ def trace(
     ``answer`` is measured. ``noise`` is the noise standard deviation ν; by default
     ``noise_factor`` × :func:`embedding_std` of the whole embedding matrix. ``positions``
     and ``layers`` restrict the grid (e.g. ``positions=["subject_last", "last"]``).
+    ``prefix_cache=False`` runs every row over the whole prompt (same scores up to
+    rounding, slower).
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     _check_inputs(lm, prompt, subject, kinds, samples, noise, window, batch_size)
@@ -225,38 +238,41 @@ def trace(
     eps = eps.to(device=lm.device, dtype=lm.dtype)
 
     # corrupted run (one row per noise sample): the residual stream after every layer
+    # and the keys and values of every layer, from which the rows read their prefix
     with Hooks() as h:
         h.edit_output(lm.module("embed"), _corrupter(eps, span, torch.arange(samples)))
         outs = [h.capture_output(lm.module("layer", l)) for l in range(n_layers)]
-        base_logits = _forward_last_logits(lm, ids.expand(samples, -1))
-    corrupted_stream = [box.value for box in outs]
+        with record_kv(lm) as kv:
+            base_logits = _forward_last_logits(lm, ids.expand(samples, -1))
+    corrupted = _Corrupted(ids, eps, span, torch.stack([box.value for box in outs]), kv)
     base_probs = torch.softmax(base_logits.float(), -1)[:, answer_id].cpu()
 
-    # one row per (cell, sample); a cell's rows share the first layer that must compute
+    # one row per (cell, sample), with the first layer its restoration changes; rows that
+    # start at the same token run together, sorted by that layer
     cells = [(k, t, l) for k in kinds for t in pos for l in layer_list if t >= span[0]]
     groups: dict[int, list] = {}
     for cell in cells:
-        groups.setdefault(_first_computed(cell, window, n_layers), []).append(cell)
+        first_token = cell[1] if prefix_cache else 0
+        layer = _first_computed(cell, window, n_layers)
+        groups.setdefault(first_token, []).extend((layer, cell, s) for s in range(samples))
     jobs = []
-    for start_layer, group in sorted(groups.items()):
-        rows = [(c, s) for c in group for s in range(samples)]
-        jobs += [(start_layer, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+    for first_token, rows in sorted(groups.items()):
+        rows.sort(key=lambda row: row[0])
+        jobs += [(first_token, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     cell_probs: dict[tuple, list[float]] = {}
     bar = progress(jobs, desc="causal trace", disable=(not show_progress) or len(jobs) < 3 or None)
-    for start_layer, chunk in bar:
-        p = _run_chunk(
-            lm, ids, chunk, start_layer, corrupted_stream, clean, eps, span, window, answer_id
-        )
-        for (cell, _), value in zip(chunk, p.tolist()):
+    for first_token, chunk in bar:
+        p = _run_chunk(lm, corrupted, chunk, first_token, clean, window, answer_id)
+        for (_, cell, _), value in zip(chunk, p.tolist()):
             cell_probs.setdefault(cell, []).append(value)
     cell_score = {c: sum(v) / len(v) for c, v in cell_probs.items()}
 
-    corrupted = float(base_probs.mean())
+    p_corrupted = float(base_probs.mean())
     tokens = [lm.tokenizer.decode([i]) for i in ids[0].tolist()]
     answer_str = lm.tokenizer.decode([answer_id])
     results = {}
     for k in kinds:
-        scores = torch.full((len(pos), len(layer_list)), corrupted)
+        scores = torch.full((len(pos), len(layer_list)), p_corrupted)
         for r, t in enumerate(pos):
             for c, l in enumerate(layer_list):
                 if (k, t, l) in cell_score:
@@ -272,7 +288,7 @@ def trace(
             answer_id=answer_id,
             scores=scores,
             clean=float(clean_probs[answer_id]),
-            corrupted=corrupted,
+            corrupted=p_corrupted,
             noise=float(noise),
             samples=samples,
             window=1 if k == "layer" else window,
@@ -293,55 +309,98 @@ def _first_computed(cell: tuple[str, int, int], window: int, n_layers: int) -> i
     return layer + 1 if kind == "layer" else _restored(kind, layer, window, n_layers).start
 
 
-def _corrupter(eps: torch.Tensor, span: tuple[int, int], sample_idx: torch.Tensor):
-    """Embedding hook adding each row's noise sample to the subject's tokens."""
+def _corrupter(eps: torch.Tensor, span: tuple[int, int], sample_idx: torch.Tensor, offset=0):
+    """Embedding hook adding each row's noise sample to the subject's tokens, for a
+    sequence that starts at token ``offset`` of the prompt."""
+    lo, hi = max(span[0], offset), span[1]
 
     def fn(out):
+        seq = out.shape[1]
+        if hi <= lo or lo >= offset + seq:
+            return out
+        end = min(hi, offset + seq)
         out = out.clone()
-        out[:, span[0] : span[1]] += eps[sample_idx.to(eps.device)]
+        noise = eps[sample_idx.to(eps.device)][:, lo - span[0] : end - span[0]]
+        out[:, lo - offset : end - offset] += noise
         return out
 
     return fn
 
 
-def _restorer(state: torch.Tensor, row_idx: torch.Tensor, tok_idx: torch.Tensor):
-    """Output hook putting the clean ``state`` back at (row, token) pairs."""
+def _restorer(state: torch.Tensor, row_idx: torch.Tensor, tok_idx: torch.Tensor, offset=0):
+    """Output hook putting the clean ``state`` back at (row, token) pairs (``tok_idx`` are
+    tokens of the prompt; the batch holds the prompt from token ``offset`` on)."""
 
     def fn(out):
         out = out.clone()
-        out[row_idx, tok_idx] = state[tok_idx]
+        out[row_idx, tok_idx - offset] = state[tok_idx]
         return out
 
     return fn
 
 
-def _run_chunk(
-    lm, ids, chunk, start_layer, corrupted_stream, clean, eps, span, window, answer_id
-) -> torch.Tensor:
-    """P(answer) for each row of one chunk, all rows computing from ``start_layer`` on."""
-    n_layers = lm.n_layers
-    sample_idx = torch.tensor([s for _, s in chunk], device=lm.device)
-    hidden = None
-    if start_layer > 0:  # replay the corrupted stream below start_layer
-        hidden = corrupted_stream[start_layer - 1][sample_idx].clone()
+@dataclass
+class _Corrupted:
+    """The corrupted run the restorations start from: the prompt, the noise, the residual
+    stream after every layer ([layers, samples, tokens, d_model]) and every layer's keys
+    and values (:class:`~medit_lite.replay.RecordKV`, [samples, heads, tokens, head_dim])."""
+
+    ids: torch.Tensor
+    eps: torch.Tensor
+    span: tuple[int, int]
+    stream: torch.Tensor
+    kv: list
+
+    def prefix(self, lm: LM, first_token: int, sample_idx: torch.Tensor, counts: list[int]):
+        """Per layer, the keys and values of tokens [0, first_token) for the rows that run
+        there (the first ``counts[j]`` of ``sample_idx``), and a cache of that length for
+        the model's attention mask."""
+        mask_cache = DynamicCache(config=lm.model.config)
+        per_layer = []
+        for j, rec in enumerate(self.kv):
+            keys, values = rec.keys[:, :, :first_token], rec.values[:, :, :first_token]
+            mask_cache.update(keys[:1], values[:1], j)
+            rows = sample_idx[: counts[j]]
+            per_layer.append(PrefixKV(keys[rows], values[rows]))
+        return per_layer, mask_cache
+
+
+def _run_chunk(lm, corrupted: _Corrupted, chunk, first_token, clean, window, answer_id):
+    """P(answer) for each row of one chunk: rows (start layer, cell, sample), sorted by the
+    layer they start computing at, all from token ``first_token`` on (the keys and values
+    of the tokens before it come from the corrupted run)."""
+    n_layers, t0 = lm.n_layers, first_token
+    starts = [layer for layer, _, _ in chunk]
+    sample_idx = torch.tensor([s for _, _, s in chunk], device=lm.device)
+    # each row's input of its start layer: the corrupted stream below it, where a "layer"
+    # restoration puts back the clean state after `layer` at its token
+    below = torch.tensor(starts, device=lm.device).sub(1).clamp(min=0)
+    entry = corrupted.stream[below, sample_idx, t0:].clone()
     plan: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
-    for row, ((kind, t, layer), _) in enumerate(chunk):
-        if kind == "layer":  # restoring the stream after `layer` = patching the replay
-            hidden[row, t] = clean[("layer", layer)][t]
+    for row, (_, (kind, t, layer), _) in enumerate(chunk):
+        if kind == "layer":
+            entry[row, t - t0] = clean[("layer", layer)][t]
             continue
         for j in _restored(kind, layer, window, n_layers):
             r, tok = plan.setdefault((kind, j), ([], []))
             r.append(row)
             tok.append(t)
-    batch = ids.expand(len(chunk), -1)
-    with Hooks() as h, replay_layers(lm, start_layer, hidden):
-        if start_layer == 0:
-            h.edit_output(lm.module("embed"), _corrupter(eps, span, sample_idx))
+    counts = [bisect.bisect_right(starts, j) for j in range(n_layers)]
+    kv, extra = None, {}
+    if t0 > 0:
+        kv, mask_cache = corrupted.prefix(lm, t0, sample_idx, counts)
+        positions = torch.arange(t0, corrupted.ids.shape[1], device=lm.device)[None]
+        extra = {"position_ids": positions, "use_cache": True, cache_keyword(lm): mask_cache}
+    with Hooks() as h:  # hooks first: the swapped stack hides the blocks' module paths
+        if starts[0] == 0:
+            fn = _corrupter(corrupted.eps, corrupted.span, sample_idx, t0)
+            h.edit_output(lm.module("embed"), fn)
         for (kind, j), (r, tok) in plan.items():
             row_idx = torch.tensor(r, device=lm.device)
             tok_idx = torch.tensor(tok, device=lm.device)
-            h.edit_output(lm.module(kind, j), _restorer(clean[(kind, j)], row_idx, tok_idx))
-        logits = _forward_last_logits(lm, batch)
+            h.edit_output(lm.module(kind, j), _restorer(clean[(kind, j)], row_idx, tok_idx, t0))
+        with staggered_layers(lm, starts, entry, kv):
+            logits = _forward_last_logits(lm, corrupted.ids[:, t0:].expand(len(chunk), -1), **extra)
     return torch.softmax(logits.float(), -1)[:, answer_id].cpu()
 
 
@@ -360,11 +419,9 @@ def next_token_logits(lm: LM, texts: Sequence[str], batch_size: int = 64) -> tor
     for start in range(0, len(texts), batch_size):
         batch = lm.tokenize(list(texts[start : start + batch_size]))
         last = batch["attention_mask"].sum(1) - 1
-        with Hooks() as h:
-            normed = h.capture_output(lm.module("final_norm"))
-            lm.model(**batch, use_cache=False, logits_to_keep=1)
+        normed = final_hidden(lm, **batch, use_cache=False)
         rows = torch.arange(len(last), device=lm.device)
-        out.append(lm.module("unembed")(normed.value[rows, last]).float().cpu())
+        out.append(lm.module("unembed")(normed[rows, last]).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -52,7 +52,6 @@ relative depth. See :data:`PAPER_DEFAULTS` and :func:`default_layer`.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 import weakref
@@ -66,7 +65,7 @@ from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
 from ..positions import subject_span
-from ..replay import layer_input, replay_layers
+from ..replay import cache_keyword, final_hidden, layer_input, replay_layers
 from ..requests import EditRequest
 from ..stats import NAMED_CORPORA, second_moment
 
@@ -340,6 +339,7 @@ class _RowIndex:
     prefix: dict[str, torch.Tensor]  # input_ids, attention_mask of the prefixes
     hidden: torch.Tensor | None  # the residual stream entering the edited layer (suffixes)
     rows: torch.Tensor  # [rows] index of each row in the full batch
+    lookup: torch.Tensor  # [rows] the lookup token's position in the suffix (0 with a cache)
     owner: torch.Tensor  # [rows] the request each row belongs to
     tgt_rows: torch.Tensor  # [targets] row of each target token ...
     tgt_pos: torch.Tensor  # ... the position predicting it ...
@@ -348,6 +348,7 @@ class _RowIndex:
     kl_rows: torch.Tensor  # [kl rows] the "{subject} is a" rows held here ...
     kl_pos: torch.Tensor  # ... their last position ...
     requests: torch.Tensor  # ... and their requests (indices into the full list)
+    cache_arg: str = "past_key_values"  # the forward pass's name for the cache
     _cache: object = None
 
     @property
@@ -373,6 +374,7 @@ class _RowIndex:
             prefix={k: v[sel, :prefix_width] for k, v in self.prefix.items()},
             hidden=None if self.hidden is None else self.hidden[sel, :width],
             rows=self.rows[sel],
+            lookup=self.lookup[sel],
             owner=self.owner[sel],
             tgt_rows=new_index[self.tgt_rows[keep_tgt]],
             tgt_pos=self.tgt_pos[keep_tgt],
@@ -381,16 +383,17 @@ class _RowIndex:
             kl_rows=new_index[self.kl_rows[keep_kl]],
             kl_pos=self.kl_pos[keep_kl],
             requests=self.requests[keep_kl],
+            cache_arg=self.cache_arg,
         )
 
     def by_length(self, max_parts: int = 3) -> list[_RowIndex]:
         """The rows split into at most ``max_parts`` groups of similar suffix length, chosen
         to pad as few tokens as possible."""
-        cuts = _length_cuts(sorted(self.lengths.tolist()), max_parts)
+        length_t = self.lengths
+        cuts = _length_cuts(sorted(length_t.tolist()), max_parts)
         if len(cuts) == 1:
             return [self]
         parts, low = [], 0
-        length_t = self.lengths
         for high in cuts:
             parts.append(self.select_rows((length_t > low) & (length_t <= high)))
             low = high
@@ -408,11 +411,11 @@ class _RowIndex:
         if self._cache is None:
             self._cache = DynamicCache(config=lm.model.config)
             with torch.no_grad():
-                lm.model(
+                final_hidden(
+                    lm,
                     input_ids=self.prefix["input_ids"],
                     use_cache=True,
-                    logits_to_keep=1,
-                    **{_cache_keyword(lm): self._cache},
+                    **{self.cache_arg: self._cache},
                 )
         mask = torch.cat([self.prefix["attention_mask"], self.suffix["attention_mask"]], 1)
         return {
@@ -420,15 +423,8 @@ class _RowIndex:
             "position_ids": self.suffix["position_ids"],
             "attention_mask": mask,
             "use_cache": True,
-            _cache_keyword(lm): copy.deepcopy(self._cache),
+            self.cache_arg: copy.deepcopy(self._cache),
         }
-
-
-def _cache_keyword(lm: LM) -> str:
-    """The name of the forward pass's cache argument (``cache`` from transformers 5.2x on,
-    ``past_key_values`` before)."""
-    params = inspect.signature(lm.model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _length_cuts(lengths: list[int], max_parts: int) -> list[int]:
@@ -530,6 +526,8 @@ def optimise_delta(
         prefix=_batch(lm, [row[:a] for row, a in zip(rows, look)]),
         hidden=hidden,
         rows=torch.arange(len(rows), device=dev),
+        # the lookup token of each row, in the suffix (0 unless prefix_cache is off)
+        lookup=torch.tensor([idx - a for (idx, _, _), a in zip(lookup, look)], device=dev),
         owner=owner_t,
         tgt_rows=tgt_rows_t,
         tgt_pos=torch.tensor(tgt_pos, device=dev),
@@ -538,9 +536,8 @@ def optimise_delta(
         kl_rows=kl_rows_t,
         kl_pos=suffix["attention_mask"][kl_rows_t].sum(1) - 1,
         requests=torch.arange(n_req, device=dev),
+        cache_arg=cache_keyword(lm),
     )
-    # the lookup token of each row, in the suffix (0 unless prefix_cache is off)
-    lookup_t = torch.tensor([idx - a for (idx, _, _), a in zip(lookup, look)], device=dev)
     parts = full.by_length()
 
     d = lm.d_model
@@ -554,7 +551,7 @@ def optimise_delta(
 
         def add_delta(out):
             at = torch.arange(len(part.rows), device=out.device)
-            where = lookup_t[part.rows]
+            where = part.lookup
             if first:
                 init[part.rows] = out[at, where].detach().float()
             out = out.clone()
@@ -564,9 +561,7 @@ def optimise_delta(
         inputs = part.inputs(lm)  # (the prefix cache runs the whole model: outside the hooks)
         with Hooks() as h, replay_layers(lm, layer, part.hidden):
             h.edit_output(lm.module(kind, layer), add_delta)
-            normed = h.capture_output(lm.module("final_norm"), detach=False)
-            lm.model(**inputs, logits_to_keep=1)
-        final = normed.value
+            final = final_hidden(lm, detach=False, **inputs)
         logp = torch.log_softmax(unembed(final[part.tgt_rows, part.tgt_pos]).float(), -1)
         tok_nll = -logp.gather(1, part.tgt_ids[:, None])[:, 0] * part.tgt_weight
         kl_logp = torch.log_softmax(unembed(final[part.kl_rows, part.kl_pos]).float(), -1)
