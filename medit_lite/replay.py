@@ -71,6 +71,11 @@ def _blocks_swapped(lm: LM, stand_in):
             stack[j] = block
 
 
+#: What decoder blocks call their key/value cache argument (Llama-family and GPT-J:
+#: ``cache``, ``past_key_values`` before transformers 5.2x; GPT-NeoX: ``layer_past``).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")
+
+
 class _Block(nn.Module):
     """Stand-in for decoder block ``j`` of :func:`staggered_layers`: the real block runs
     on the first ``n`` rows of the batch only, with ``kv`` as its key/value cache; the
@@ -79,20 +84,22 @@ class _Block(nn.Module):
     def __init__(self, block: nn.Module, n: int, entry: torch.Tensor | None, kv):
         super().__init__()
         self.block, self.n, self.entry, self.kv = block, n, entry, kv
+        # the names of the arguments after the hidden states (GPT-2 passes some by position)
+        self.arg_names = list(inspect.signature(block.forward).parameters)[1:]
 
     def forward(self, hidden, *args, **kwargs):
         n, batch = self.n, hidden.shape[0]
         if n == 0:
             return self.entry
+        kwargs |= dict(zip(self.arg_names, args))
         if n < batch:  # masks and other per-row arguments, for the rows that run
-            args = tuple(_first_rows(a, n, batch) for a in args)
             kwargs = {k: _first_rows(v, n, batch) for k, v in kwargs.items()}
-        names = [k for k in ("cache", "past_key_values") if k in kwargs]
+        names = [k for k in CACHE_ARGUMENTS if k in kwargs]
         if self.kv is not None and not names:
             raise RuntimeError("this model's decoder blocks take no key/value cache argument")
         for name in names:
             kwargs[name] = self.kv
-        out = self.block(hidden[:n], *args, **kwargs)
+        out = self.block(hidden[:n], **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         return out if n >= batch else torch.cat([out, self.entry[n:]])
 

@@ -96,6 +96,26 @@ def test_adapter_on_tiny_random_model(family, tokenizer):
     assert not torch.allclose(changed, logits)
 
 
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_fast_trace_paths_work_on_every_family(family, tokenizer):
+    """Causal tracing's shortcuts (prefix keys/values handed to the blocks, rows starting at
+    different layers in one pass, the unembedding after the final norm) rely on how each
+    family's blocks take their cache: the scores must equal whole-prompt rows."""
+    from medit_lite.analysis import trace
+
+    config = TINY_CONFIGS[family]
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    tiny = wrap(AutoModelForCausalLM.from_config(config), tokenizer, name=f"tiny-{family}")
+    kw = dict(samples=2, window=2, answer="Paris", show_progress=False)
+    prompt, subject = "In the end, the Eiffel Tower is located in", "the Eiffel Tower"
+    fast = trace(tiny, prompt, subject, **kw)
+    full = trace(tiny, prompt, subject, prefix_cache=False, **kw)
+    for kind in fast:
+        assert torch.allclose(fast[kind].scores, full[kind].scores, rtol=1e-4, atol=1e-10)
+        assert not torch.all(fast[kind].scores == fast[kind].corrupted)  # restorations act
+
+
 def test_gpt2_weight_view_is_transposed_and_live(tokenizer):
     config = TINY_CONFIGS["gpt2"]
     config.vocab_size = len(tokenizer)
