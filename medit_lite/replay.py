@@ -78,17 +78,19 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")
 
 class _Block(nn.Module):
     """Stand-in for decoder block ``j`` of :func:`staggered_layers`: the real block runs
-    on the first ``n`` rows of the batch only, with ``kv`` as its key/value cache; the
-    other rows get their stored input of the next layer (``entry``)."""
+    on the first ``n`` rows of the batch only (``n=None``: on all of them), with ``kv`` as
+    its key/value cache; the other rows get their stored input of the next layer
+    (``entry``)."""
 
-    def __init__(self, block: nn.Module, n: int, entry: torch.Tensor | None, kv):
+    def __init__(self, block: nn.Module, n: int | None, entry: torch.Tensor | None, kv):
         super().__init__()
         self.block, self.n, self.entry, self.kv = block, n, entry, kv
         # the names of the arguments after the hidden states (GPT-2 passes some by position)
         self.arg_names = list(inspect.signature(block.forward).parameters)[1:]
 
     def forward(self, hidden, *args, **kwargs):
-        n, batch = self.n, hidden.shape[0]
+        batch = hidden.shape[0]
+        n = batch if self.n is None else self.n
         if n == 0:
             return self.entry
         kwargs |= dict(zip(self.arg_names, args))
@@ -161,7 +163,7 @@ def record_kv(lm: LM):
     """Within the block, every decoder block keeps the keys and values it computes: the
     context yields one :class:`RecordKV` per layer (filled by the next forward pass)."""
     records = [RecordKV() for _ in range(lm.n_layers)]
-    with _blocks_swapped(lm, lambda j, block: _Block(block, 10**9, None, records[j])):
+    with _blocks_swapped(lm, lambda j, block: _Block(block, None, None, records[j])):
         yield records
 
 

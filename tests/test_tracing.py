@@ -81,20 +81,9 @@ def test_trace_restoration_matches_a_single_manual_run(lm, eiffel):
         lm.model(input_ids=ids)
     probs = []
     for s in range(SAMPLES):
-
-        def corrupt(x, s=s):
-            x = x.clone()
-            x[:, start:end] += eps[s]
-            return x
-
-        def restore(x):
-            x = x.clone()
-            x[:, end - 1] = clean.value[:, end - 1]
-            return x
-
         with torch.no_grad(), Hooks() as h:
-            h.edit_output(lm.module("embed"), corrupt)
-            h.edit_output(lm.module("layer", layer), restore)
+            h.edit_output(lm.module("embed"), lambda x, s=s: _add_at(x, start, end, eps[s]))
+            h.edit_output(lm.module("layer", layer), lambda x: _put(x, end - 1, clean))
             logits = lm.model(input_ids=ids).logits[0, -1]
         probs.append(float(torch.softmax(logits, -1)[res.answer_id]))
     row = res.positions.index(end - 1)
