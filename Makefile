@@ -41,6 +41,7 @@ notebooks: setup
 
 lint: setup
 	$(VENV)/bin/ruff check medit_lite tests benchmarks
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 test: model browser lint
 	$(PY) -m pytest

@@ -224,13 +224,27 @@ def detect_format(rec: dict) -> str:
 
 
 # -- loading -----------------------------------------------------------------------------
+def _looks_like_path(text: str) -> bool:
+    """A local file name rather than a dataset id ("user/name")."""
+    return text.endswith((".json", ".jsonl")) or text.startswith((".", "/", "~"))
+
+
 def read_records(source: str | os.PathLike, split: str = "train", **dataset_kwargs) -> list[dict]:
     """Records from a local JSON file, or via :func:`datasets.load_dataset` otherwise."""
     path = Path(source)
     if path.is_file() and not dataset_kwargs:
         with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, list) else data.get("data", data)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not a JSON file: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
+        return data
+    if _looks_like_path(str(source)):
+        raise FileNotFoundError(f"no such file: {source}")
     import datasets
 
     return list(datasets.load_dataset(str(source), split=split, **dataset_kwargs))
@@ -254,10 +268,47 @@ def load_requests(
         records = records[:limit]
     if not records:
         raise ValueError(f"no records in {source}")
-    fmt = format or detect_format(records[0])
-    if fmt not in CONVERTERS:
-        raise ValueError(f"unknown format {fmt!r}; known: {sorted(CONVERTERS)}")
-    return [CONVERTERS[fmt](r) for r in records]
+    if format is not None and format not in CONVERTERS:
+        raise ValueError(f"unknown format {format!r}; known: {sorted(CONVERTERS)}")
+    if not isinstance(records[0], dict):
+        raise ValueError(f"{source}: record 0 is a {type(records[0]).__name__}, not an object")
+    fmt = format or _detect(records[0], source)
+    return [_convert(fmt, i, r, source) for i, r in enumerate(records)]
+
+
+def _detect(record: dict, source) -> str:
+    try:
+        return detect_format(record)
+    except ValueError as err:
+        raise ValueError(f"{source}: record 0: {err}") from None
+
+
+def _guess(record: dict) -> str | None:
+    try:
+        return detect_format(record)
+    except ValueError:
+        return None
+
+
+def _convert(fmt: str, index: int, record, source) -> EditRequest:
+    """One record converted, or an error naming the file, the record and the field."""
+    where = f"{source}: record {index}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a {type(record).__name__}, not an object")
+    try:
+        return CONVERTERS[fmt](record)
+    except KeyError as err:
+        looks = _guess(record)
+        hint = (
+            f"; it looks like a {looks} record (use format={looks!r}, or leave the format out)"
+            if looks not in (None, fmt)
+            else ""
+        )
+        raise ValueError(
+            f"{where} has no field {err.args[0]!r}, needed by the {fmt} format{hint}"
+        ) from None
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
 
 
 def load_counterfact(source, limit=None, **kw) -> list[EditRequest]:

@@ -130,3 +130,54 @@ def test_builtin_facts_are_known_to_the_default_model(lm, facts):
     scores = score_targets(lm, [r.text for r in facts], [r.target_true for r in facts])
     wrong = [r.text for r, s in zip(facts, scores) if s.predicted[0] != s.target_ids[0]]
     assert not wrong, f"the default model does not answer: {wrong}"
+
+
+def _write(tmp_path, payload, name="data.json"):
+    path = tmp_path / name
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+COUNTERFACT_RECORD = {
+    "case_id": 7,
+    "requested_rewrite": {
+        "prompt": "{} is located in",
+        "subject": "Angola",
+        "target_new": {"str": "Antarctica"},
+        "target_true": {"str": "Africa"},
+    },
+}
+
+
+def test_loader_errors_name_the_file_the_record_and_the_field(tmp_path):
+    good = dict(COUNTERFACT_RECORD)
+    no_true = json.loads(json.dumps(COUNTERFACT_RECORD))
+    del no_true["requested_rewrite"]["target_true"]
+    path = _write(tmp_path, [good, no_true])
+    with pytest.raises(ValueError, match=r"data.json: record 1 has no field 'target_true'"):
+        load_requests(path)
+    # a CounterFact file read as zsRE says which format it looks like
+    with pytest.raises(ValueError, match=r"record 0 has no field 'src'.*looks like a counterfact"):
+        load_zsre(_write(tmp_path, [good]))
+    zsre = {"src": "Where is Angola?", "subject": "Ghana", "alt": "Asia", "answers": ["Africa"]}
+    with pytest.raises(ValueError, match=r"record 0: .*subject 'Ghana' does not occur"):
+        load_zsre(_write(tmp_path, [zsre]))
+    with pytest.raises(ValueError, match=r"record 0: .*target_new must not be empty"):
+        load_zsre(_write(tmp_path, [zsre | {"subject": "Angola", "alt": " "}]))
+    with pytest.raises(ValueError, match="unknown format 'rome'"):
+        load_requests(path, format="rome")
+
+
+def test_loader_rejects_files_that_hold_no_records(tmp_path):
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        load_requests(_write(tmp_path, "{not json"))
+    with pytest.raises(ValueError, match="no records"):
+        load_requests(_write(tmp_path, []))
+    with pytest.raises(ValueError, match="must hold a JSON list"):
+        load_requests(_write(tmp_path, '"a string"'))
+    with pytest.raises(ValueError, match="record 0 is a str, not an object"):
+        load_requests(_write(tmp_path, ["a string"]))
+    with pytest.raises(ValueError, match="unrecognised record format"):
+        load_requests(_write(tmp_path, [{"question": "?"}]))
+    with pytest.raises(FileNotFoundError, match="no such file: .*missing.json"):
+        load_requests(tmp_path / "missing.json")
