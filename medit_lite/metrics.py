@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .context_routing import prompt_lengths
 from .models import LM
 from .requests import EditRequest
 
@@ -105,7 +106,8 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
     for row, (p, t) in enumerate(pairs):
         ids[row, : lengths[row]] = torch.tensor(p + t)
         mask[row, : lengths[row]] = 1
-    logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+    with prompt_lengths([len(p) for p, _ in pairs]):  # routed methods decide on prompts only
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(pairs)])
     cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in pairs])
     flat = logits[rows.to(lm.device), cols.to(lm.device)]

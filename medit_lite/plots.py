@@ -19,6 +19,9 @@ TAXONOMY = {
         "Locate-then-edit": ["KN", "ROME", "MEMIT"],
     },
 }
+#: The name each method of :data:`TAXONOMY` is registered under in ``medit_lite``
+#: (``edit(lm, request, method=...)``), where it is not the lowercase label.
+REGISTRY_NAMES = {"NL-Patch": "nl-patch", "T-Patcher": "tpatcher"}
 
 
 def _box(ax, x, y, text, color, size=9):
@@ -192,5 +195,73 @@ def metric_curves(
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def distance_histograms(
+    distances: Mapping[str, Sequence[float]], eps: float, title: str = "", bins: int = 40
+):
+    """Overlaid histograms of key distances (``distances[label] = [d, ...]``) with GRACE's
+    deferral radius ``eps`` marked: inputs left of the line are answered by the codebook."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    top = max(max(v) for v in distances.values() if len(v))
+    edges = [top * i / bins for i in range(bins + 1)]
+    for label, values in distances.items():
+        ax.hist(values, bins=edges, alpha=0.5, density=True, label=f"{label} ({len(values)})")
+    ax.axvline(eps, color="black", linestyle="--", label=f"ε = {eps:g}")
+    ax.set(xlabel="Euclidean distance to the edit's key", ylabel="density", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cka_histograms(scores: Mapping[str, Sequence[float]], title: str = ""):
+    """Histograms of CKA scores (log10), one panel per data set; a score > 1 (right of the
+    line) means the model prefers the true relation: it "knows" the fact."""
+    import math
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.0), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scores.items()):
+        logs = [math.log10(v) for v in values if v > 0]
+        known = sum(v > 1 for v in values) / max(1, len(values))
+        ax.hist(logs, bins=40, color="tab:blue", alpha=0.8)
+        ax.axvline(0.0, color="black", linestyle="--")
+        ax.set(xlabel="log10 CKA score", ylabel="facts", title=f"{name}: {known:.0%} known")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def lifelong_panels(
+    runs: Mapping[str, Sequence[Mapping]], keys: Sequence[str] = ("SR", "GR", "ER", "locality")
+):
+    """One panel per lifelong metric against the number of edits, one line per method
+    (``runs[method]`` is a lifelong ``curve``: dicts with ``n_edits`` and the keys)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 3.0), sharey=True)
+    for method, curve in runs.items():
+        xs = [c["n_edits"] for c in curve]
+        for ax, key in zip(axes, keys):
+            ax.plot(xs, [c[key] for c in curve], marker="o", ms=3, label=method)
+    for ax, key in zip(axes, keys):
+        ax.set(title=key, xlabel="edits so far", ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def scope_histograms(scores: Mapping[str, Sequence[float]], threshold: float = 0.5, title=""):
+    """Histograms of a scope classifier's scores ``s(z, x)`` in [0, 1], one colour per kind
+    of input (``scores[label] = [s, ...]``), with the routing threshold marked: inputs right
+    of the line are answered with the edit in context (SERAC's rule)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    edges = [i / 40 for i in range(41)]
+    for label, values in scores.items():
+        above = sum(v > threshold for v in values) / max(1, len(values))
+        ax.hist(values, bins=edges, alpha=0.55, label=f"{label} ({len(values)}, {above:.0%} in)")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+    ax.set(xlabel="scope score s(z, x)", ylabel="inputs", yscale="log", title=title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -195,6 +195,22 @@ def train(
     return log
 
 
+#: Methods that train something before they edit (name -> ``fn(lm, hp=None, *, data=None,
+#: retrain=False) -> TrainLog``, training or loading from the cache): what
+#: ``python -m medit_lite train --method NAME`` runs.
+TRAINERS: dict[str, Callable[..., TrainLog]] = {}
+
+
+def register_trainer(name: str):
+    """Decorator registering a method's training function in :data:`TRAINERS`."""
+
+    def wrap(fn):
+        TRAINERS[name] = fn
+        return fn
+
+    return wrap
+
+
 def load_or_train(
     module: nn.Module,
     method: str,

@@ -120,3 +120,36 @@ def test_cli_rejects_bad_hparam():
 def test_cli_lists(command):
     out = run_cli(*command)
     assert "ft-l" in out or "edit" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["edit", "--prompt", "X is in", "--subject", "X", "--target", "Y"], "exactly one '{}'"),
+        (["edit", "--prompt", "{} is in", "--subject", "X", "--target", " "], "target_new"),
+        (
+            ["edit", "--method", "nope", "--prompt", "{} is in", "--subject", "X", "--target", "Y"],
+            "unknown method 'nope'",
+        ),  # fmt: skip
+        (["eval", "--data", "/nonexistent/cf.json"], "no such file: /nonexistent/cf.json"),
+        (["eval", "--hparam", "lr"], "--hparam expects NAME=VALUE"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line_with_status_2(args, message, capsys):
+    from medit_lite.cli import run
+
+    assert run(args) == 2
+    err = capsys.readouterr().err  # (after the weights' loading bar, where a model loads)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_cli_format_mismatch_names_the_record_and_the_format(tmp_path, capsys):
+    from medit_lite.cli import run
+
+    path = shared_or_skip("counterfact_sample.json")
+    assert run(["eval", "--data", str(path), "--format", "zsre", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "record 0 has no field 'src'" in err and "looks like a counterfact record" in err
+    with pytest.raises(ValueError, match="record 0"):  # --debug shows the real exception
+        run(["--debug", "eval", "--data", str(path), "--format", "zsre", "--limit", "2"])

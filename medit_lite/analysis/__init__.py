@@ -1,6 +1,7 @@
 """Analysis tools: causal tracing (where a fact is recalled) and the key-value view of
 MLP layers with projections into the vocabulary (how it is stored)."""
 
+from .attribution import neuron_attributions
 from .keyvalue import logit_lens, mlp_key_value, top_memories
 from .tracing import (
     KINDS,
@@ -25,4 +26,5 @@ __all__ = [
     "mlp_key_value",
     "logit_lens",
     "top_memories",
+    "neuron_attributions",
 ]

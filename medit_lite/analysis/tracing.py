@@ -191,6 +191,7 @@ def trace(
     batch_size: int = 384,
     show_progress: bool = True,
     prefix_cache: bool = True,
+    contrast: tuple[str, str] | None = None,
 ) -> dict[str, TraceResult]:
     """Causal traces of one fact: one :class:`TraceResult` per kind in ``kinds``.
 
@@ -200,7 +201,9 @@ def trace(
     ``noise_factor`` × :func:`embedding_std` of the whole embedding matrix. ``positions``
     and ``layers`` restrict the grid (e.g. ``positions=["subject_last", "last"]``).
     ``prefix_cache=False`` runs every row over the whole prompt (same scores up to
-    rounding, slower).
+    rounding, slower). ``contrast=(a, b)`` measures P(a) − P(b) instead of P(answer)
+    (e.g. ``("he", "she")``, the gender signal LSDM and DAMA trace); ``answer`` is then
+    ignored and the scores and effects are differences of probabilities.
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     _check_inputs(lm, prompt, subject, kinds, samples, noise, window, batch_size)
@@ -225,13 +228,16 @@ def trace(
         clean_logits = _forward_last_logits(lm, ids)
     clean = {kj: box.value[0] for kj, box in boxes.items()}
     clean_probs = torch.softmax(clean_logits[0].float(), -1)
-    if answer is None:
+    if contrast is not None:
+        pair = [_first_token(lm, text, word) for word in contrast]
+        readout = (torch.tensor(pair), torch.tensor([1.0, -1.0]))
+        answer_id = pair[0]
+    elif answer is None:
         answer_id = int(clean_probs.argmax())
+        readout = (torch.tensor([answer_id]), torch.tensor([1.0]))
     else:
-        answer_ids = lm.tokenizer(target_text(text, answer), add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            raise ValueError(f"answer {answer!r} has no tokens")
-        answer_id = answer_ids[0]
+        answer_id = _first_token(lm, text, answer)
+        readout = (torch.tensor([answer_id]), torch.tensor([1.0]))
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eps = torch.randn(samples, span[1] - span[0], lm.d_model, generator=gen) * noise
@@ -245,7 +251,7 @@ def trace(
         with record_kv(lm) as kv:
             base_logits = _forward_last_logits(lm, ids.expand(samples, -1))
     corrupted = _Corrupted(ids, eps, span, torch.stack([box.value for box in outs]), kv)
-    base_probs = torch.softmax(base_logits.float(), -1)[:, answer_id].cpu()
+    base_probs = _read(torch.softmax(base_logits.float(), -1), readout)
 
     # one row per (cell, sample), with the first layer its restoration changes; rows that
     # start at the same token run together, sorted by that layer
@@ -262,7 +268,7 @@ def trace(
     cell_probs: dict[tuple, list[float]] = {}
     bar = progress(jobs, desc="causal trace", disable=(not show_progress) or len(jobs) < 3 or None)
     for first_token, chunk in bar:
-        p = _run_chunk(lm, corrupted, chunk, first_token, clean, window, answer_id)
+        p = _run_chunk(lm, corrupted, chunk, first_token, clean, window, readout)
         for (_, cell, _), value in zip(chunk, p.tolist()):
             cell_probs.setdefault(cell, []).append(value)
     cell_score = {c: sum(v) / len(v) for c, v in cell_probs.items()}
@@ -270,6 +276,8 @@ def trace(
     p_corrupted = float(base_probs.mean())
     tokens = [lm.tokenizer.decode([i]) for i in ids[0].tolist()]
     answer_str = lm.tokenizer.decode([answer_id])
+    if contrast is not None:
+        answer_str = " − ".join(lm.tokenizer.decode([i]) for i in readout[0].tolist())
     results = {}
     for k in kinds:
         scores = torch.full((len(pos), len(layer_list)), p_corrupted)
@@ -287,14 +295,28 @@ def trace(
             answer=answer_str,
             answer_id=answer_id,
             scores=scores,
-            clean=float(clean_probs[answer_id]),
+            clean=float(_read(clean_probs[None], readout)[0]),
             corrupted=p_corrupted,
             noise=float(noise),
             samples=samples,
             window=1 if k == "layer" else window,
-            extra={"layers": layer_list},
+            extra={"layers": layer_list} | ({"contrast": tuple(contrast)} if contrast else {}),
         )
     return results
+
+
+def _first_token(lm: LM, text: str, word: str) -> int:
+    ids = lm.tokenizer(target_text(text, word), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {word!r} has no tokens")
+    return ids[0]
+
+
+def _read(probs: torch.Tensor, readout) -> torch.Tensor:
+    """Σ_j c_j P(token_j) per row (CPU): the measured quantity, P(answer) or a contrast."""
+    ids, coef = readout
+    picked = probs[:, ids.to(probs.device)].cpu()
+    return (picked * coef).sum(-1)
 
 
 def _restored(kind: str, layer: int, window: int, n_layers: int) -> range:
@@ -365,10 +387,11 @@ class _Corrupted:
         return per_layer, mask_cache
 
 
-def _run_chunk(lm, corrupted: _Corrupted, chunk, first_token, clean, window, answer_id):
-    """P(answer) for each row of one chunk: rows (start layer, cell, sample), sorted by the
-    layer they start computing at, all from token ``first_token`` on (the keys and values
-    of the tokens before it come from the corrupted run)."""
+def _run_chunk(lm, corrupted: _Corrupted, chunk, first_token, clean, window, readout):
+    """The measured quantity (:func:`_read`: P(answer) or a contrast) for each row of
+    one chunk: rows (start layer, cell, sample), sorted by the layer they start computing
+    at, all from token ``first_token`` on (the keys and values of the tokens before it come
+    from the corrupted run)."""
     n_layers, t0 = lm.n_layers, first_token
     starts = [layer for layer, _, _ in chunk]
     sample_idx = torch.tensor([s for _, _, s in chunk], device=lm.device)
@@ -401,7 +424,7 @@ def _run_chunk(lm, corrupted: _Corrupted, chunk, first_token, clean, window, ans
             h.edit_output(lm.module(kind, j), _restorer(clean[(kind, j)], row_idx, tok_idx, t0))
         with staggered_layers(lm, starts, entry, kv):
             logits = _forward_last_logits(lm, corrupted.ids[:, t0:].expand(len(chunk), -1), **extra)
-    return torch.softmax(logits.float(), -1)[:, answer_id].cpu()
+    return _read(torch.softmax(logits.float(), -1), readout)
 
 
 # -- many facts -------------------------------------------------------------------------
@@ -483,9 +506,16 @@ def average_trace(
     window: int = 10,
     layers: Iterable[int] | None = None,
     batch_size: int = 384,
+    contrast: tuple[str, str] | None = None,
+    align_sign: bool = False,
 ) -> AverageTrace:
     """Average indirect effect over ``facts`` (records with ``prompt``, ``subject``, and
-    optionally ``attribute``) at named positions, like the paper's Figure 2."""
+    optionally ``attribute``) at named positions, like the paper's Figure 2.
+
+    ``contrast`` traces P(a) − P(b) (see :func:`trace`); with ``align_sign`` each fact's
+    effects are multiplied by the sign of its clean score, so that facts leaning to a and
+    to b add up instead of cancelling (the gender signal of male- and female-stereotyped
+    professions)."""
     if not facts:
         raise ValueError("facts must not be empty")
     if noise is None:
@@ -506,12 +536,16 @@ def average_trace(
             layers=layers,
             batch_size=batch_size,
             show_progress=False,
+            contrast=contrast,
         )
+        sign = 1.0
+        if align_sign and res[kinds[0]].clean < 0:
+            sign = -1.0
         for k in kinds:
-            effects[k].append(res[k].indirect_effect)
+            effects[k].append(res[k].indirect_effect * sign)
         first = res[kinds[0]]
-        clean.append(first.clean)
-        corrupted.append(first.corrupted)
+        clean.append(first.clean * sign)
+        corrupted.append(first.corrupted * sign)
     return AverageTrace(
         positions=list(positions),
         effects={k: torch.stack(v) for k, v in effects.items()},

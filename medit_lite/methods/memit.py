@@ -4,7 +4,7 @@ ROME writes one fact into one MLP layer. MEMIT writes many facts at once and spr
 each over a range of layers R = {l₁ < … < l_L}, so no single matrix takes the whole
 change. For a batch of requests i = 1..n:
 
-1. **target** (Eq. 16, :func:`~medit_lite.methods.rome.optimise_delta`): a vector
+1. **target** (Eq. 16, :func:`~medit_lite.methods.locate_edit.optimise_delta`): a vector
    z_i = h_i^{(L)} + δ_i for the residual stream *after the last layer* l_L at the
    subject's last token, with δ_i optimised as in ROME (target NLL over sampled
    prefixes, KL on "{subject} is a", weight decay, norm clamp relative to ‖h_i‖).
@@ -20,7 +20,8 @@ change. For a batch of requests i = 1..n:
 
      with K the new keys (d_mlp × n), R the residuals (d_model × n), C = E[k kᵀ] the
      second moment of the layer's keys over real text (:mod:`medit_lite.stats`) and λ
-     (``mom2_update_weight``) how much the old memories weigh against the new ones.
+     (``mom2_update_weight``) how much the old memories weigh against the new ones
+     (:func:`~medit_lite.methods.locate_edit.least_squares_update`).
 
 Defaults (``MEMITHParams.for_model``): the released configurations for GPT-2 XL
 (layers 13–17, λ = 20000) and GPT-J (layers 3–8, λ = 15000); for the default
@@ -40,14 +41,15 @@ from ..editing import register
 from ..models import LM
 from ..requests import EditRequest
 from ..stats import second_moments
-from .rome import (
-    SMOLLM2_TUNED,
+from .locate_edit import (
     LocateHParams,
     context_templates,
-    default_layer,
     lookup_states,
     optimise_delta,
+    spread_update,
 )
+from .locate_edit import least_squares_update as memit_update  # noqa: F401  (kept importable)
+from .rome import SMOLLM2_TUNED, default_layer
 
 
 @dataclass(frozen=True)
@@ -114,18 +116,6 @@ def _weights(lm: LM, hp) -> list[str]:
     return [lm.module_name("mlp_out", layer) + ".weight" for layer in hp.layers]
 
 
-def memit_update(
-    K: torch.Tensor, R: torch.Tensor, C: torch.Tensor | None, lam: float
-) -> torch.Tensor:
-    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT Eq. 14): K is d_in × n keys, R is d_out × n
-    residuals, C the d_in × d_in second moment (identity when None)."""
-    K64, R64 = K.double(), R.double()
-    d = K64.shape[0]
-    C64 = torch.eye(d, dtype=torch.float64, device=K.device) if C is None else C.double()
-    adj = torch.linalg.solve(lam * C64 + K64 @ K64.T, K64)  # (λC + KKᵀ)⁻¹ K, symmetric A
-    return R64 @ adj.T
-
-
 def memit_targets(lm: LM, requests, hp, templates) -> tuple[torch.Tensor, list]:
     """z_i for every request (optimised in chunks of ``batch_size``) and the histories."""
     z_layer = hp.layers[-1]
@@ -151,21 +141,10 @@ def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets
             lm, hp.layers, hp.mom2_corpus, hp.mom2_n_samples, max_length=hp.mom2_max_length
         )
     t2 = time.perf_counter()
+    norms = spread_update(
+        lm, requests, hp.layers, zs, templates, hp.fact_token, stats, hp.mom2_update_weight
+    )
     z_layer = hp.layers[-1]
-    norms = {}
-    for i, layer in enumerate(hp.layers):
-        keys = lookup_states(lm, requests, ("mlp_out", layer), templates, hp.fact_token)
-        K = keys.mean(1).T  # d_mlp × n
-        cur = lookup_states(lm, requests, ("layer", z_layer), ["{}"], hp.fact_token, output=True)[
-            :, 0
-        ]
-        R = (zs - cur).T / (len(hp.layers) - i)  # d_model × n
-        C = stats[layer].mom2 if stats is not None else None
-        upd = memit_update(K, R, C, hp.mom2_update_weight)
-        with torch.no_grad():
-            W = lm.weight_out_in("mlp_out", layer)
-            W += upd.to(W.dtype)
-        norms[layer] = float(upd.norm())
     final = lookup_states(lm, requests, ("layer", z_layer), ["{}"], hp.fact_token, output=True)
     return {
         "layers": list(hp.layers),

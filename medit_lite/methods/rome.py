@@ -10,7 +10,8 @@ with the smallest change of W that keeps the layer's other keys working (Eq. 2):
     Ŵ = W + Λ (C⁻¹ k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹ k*)ᵀ k*),
 
 with C = K Kᵀ / n the second moment of the layer's keys over real text
-(:mod:`medit_lite.stats`). The three steps, each a function below:
+(:mod:`medit_lite.stats`). The three steps live in :mod:`.locate_edit` (shared with
+MEMIT, LSDM and DAMA); this module composes them (:func:`execute_rome`):
 
 1. **k*** (Eq. 3, :func:`compute_key`): the key at the subject's last token, averaged
    over the plain prompt and N short prefixes sampled from the model, so the key does
@@ -51,67 +52,55 @@ relative depth. See :data:`PAPER_DEFAULTS` and :func:`default_layer`.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
-import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
 from ..editing import register
-from ..hooks import Hooks
-from ..metrics import encode_pair
 from ..models import LM
-from ..positions import subject_span
-from ..replay import cache_keyword, final_hidden, layer_input, replay_layers
 from ..requests import EditRequest
-from ..stats import NAMED_CORPORA, second_moment
+from .locate_edit import (
+    EARLY_STOP_TERMS,
+    FACT_TOKENS,
+    LocateHParams,
+    ValueResult,
+    _length_cuts,
+    compute_key,
+    compute_value,
+    context_templates,
+    key_stats,
+    lookup_states,
+    optimise_delta,
+    rank_one_update,
+)
+
+#: Names kept importable from here (they moved to :mod:`.locate_edit`).
+__all__ = [
+    "EARLY_STOP_TERMS",
+    "FACT_TOKENS",
+    "KEY_FORMS",
+    "LocateHParams",
+    "PAPER_DEFAULTS",
+    "ROMEHParams",
+    "SMOLLM2_TUNED",
+    "ValueResult",
+    "_length_cuts",
+    "apply_rome",
+    "compute_key",
+    "compute_value",
+    "context_templates",
+    "default_layer",
+    "execute_rome",
+    "lookup_states",
+    "optimise_delta",
+    "rank_one_update",
+    "rome_delta",
+    "rome_original_hparams",
+    "rome_vectors",
+]
 
 KEY_FORMS = ("r-rome", "original")
-FACT_TOKENS = ("subject_last", "last")
-EARLY_STOP_TERMS = ("loss", "nll")
-
-
-@dataclass(frozen=True)
-class LocateHParams:
-    """Hyperparameters ROME and MEMIT share: the lookup token, the optimisation of the new
-    value (Eq. 4 of ROME, Eq. 16 of MEMIT) and the key statistics (names follow the
-    reference configuration files)."""
-
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    #: what ``early_stop_loss`` is compared with: the whole loss (the reference code) or
-    #: only its NLL term, i.e. stop once the mean P(target) over the contexts is ≈ 95 %
-    early_stop_term: str = "loss"
-    #: (length in tokens, how many) of the prefixes sampled from the model for k* and v*
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-    mom2_adjustment: bool = True
-    mom2_corpus: str = "offline"
-    mom2_n_samples: int = 20_000  # key vectors (tokens) averaged into C
-    mom2_max_length: int = 128
-    seed: int = 0
-
-    def validate_common(self) -> None:
-        """Checks of the shared fields (each subclass adds its own in ``validate``)."""
-        if self.fact_token not in FACT_TOKENS:
-            raise ValueError(f"hyperparameter fact_token must be one of {FACT_TOKENS}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("hyperparameter v_num_grad_steps must be at least 1")
-        if self.v_lr <= 0:
-            raise ValueError("hyperparameter v_lr must be positive")
-        if self.clamp_norm_factor <= 0:
-            raise ValueError("hyperparameter clamp_norm_factor must be positive")
-        if self.early_stop_term not in EARLY_STOP_TERMS:
-            raise ValueError(f"hyperparameter early_stop_term must be one of {EARLY_STOP_TERMS}")
-        _check_templates(self.context_templates)
-        _check_corpus(self)
 
 
 @dataclass(frozen=True)
@@ -137,30 +126,6 @@ class ROMEHParams(LocateHParams):
         self.validate_common()
 
 
-def _check_templates(spec) -> None:
-    for item in spec:
-        if (
-            not isinstance(item, (tuple, list))
-            or len(item) != 2
-            or not all(isinstance(x, int) and x >= 1 for x in item)
-        ):
-            raise ValueError(
-                "hyperparameter context_templates must hold (length, count) pairs of "
-                f"positive integers, got {item!r}"
-            )
-
-
-def _check_corpus(hp) -> None:
-    if hp.mom2_adjustment:
-        if hp.mom2_corpus not in NAMED_CORPORA:
-            raise ValueError(f"hyperparameter mom2_corpus must be one of {NAMED_CORPORA}")
-        if hp.mom2_n_samples < 1:
-            raise ValueError("hyperparameter mom2_n_samples must be at least 1")
-        if hp.mom2_max_length < 2:
-            raise ValueError("hyperparameter mom2_max_length must be at least 2")
-
-
-#: Relative depth of the default ROME layer: layer 4 of SmolLM2-135M's 30 (§4.1).
 DEFAULT_RELATIVE_LAYER = 4 / 30
 #: Values for SmolLM2-135M on a 2-core CPU (ROME and MEMIT). 6 sampled prefixes instead of
 #: the papers' 20 (on 8 CounterFact records, the same ES/PS/NS as 10 prefixes at a third of
@@ -203,464 +168,6 @@ def _weights(lm: LM, hp) -> list[str]:
     return [lm.module_name("mlp_out", layer) + ".weight" for layer in hp.layers]
 
 
-# -- step 0: prefixes ------------------------------------------------------------------
-_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def context_templates(lm: LM, spec=((5, 10), (10, 10)), seed: int = 0) -> list[str]:
-    """``"{}"`` plus short texts sampled from the model (top-k 5, seeded), each followed by
-    ``". {}"``: the contexts k* and v* are averaged over (ROME Eq. 3 and 4).
-
-    Kept per model object for the session (sampling them takes a few seconds).
-    """
-    _check_templates(spec)
-    per_model = _TEMPLATES.setdefault(lm.model, {})
-    key = (tuple(map(tuple, spec)), seed)
-    if key not in per_model:
-        out = ["{}"]
-        devices = [lm.device] if lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for length, count in spec:
-                texts = lm.generate(["The"] * count, length - 1, do_sample=True, top_k=5)
-                for t in texts:
-                    t = ("The" + t).replace("{", " ").replace("}", " ").replace("\n", " ")
-                    out.append(" ".join(t.split()) + ". {}")
-        per_model[key] = out
-    return list(per_model[key])
-
-
-# -- step 1: the key -------------------------------------------------------------------
-def _rows(lm: LM, request: EditRequest, templates: list[str], fact_token: str):
-    """(prompt ids, target ids, lookup index) for the edit prompt in every context."""
-    rows = []
-    for tpl in templates:
-        template = tpl.replace("{}", request.prompt)
-        text = template.replace("{}", request.subject, 1)
-        prompt_ids, target_ids = encode_pair(lm, text, request.target_new)
-        if fact_token == "last":
-            idx = len(prompt_ids) - 1
-        else:
-            idx = subject_span(lm, template, request.subject)[1] - 1
-        rows.append((prompt_ids, target_ids, idx))
-    return rows
-
-
-def _batch(lm: LM, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(map(len, seqs))
-    pad = lm.tokenizer.pad_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop(*args):
-    raise _Stop
-
-
-@torch.no_grad()
-def lookup_states(
-    lm: LM,
-    requests: list[EditRequest],
-    module: tuple[str, int],
-    templates: list[str],
-    fact_token: str = "subject_last",
-    output: bool = False,
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """[requests, templates, d]: the input (or ``output=True``: the output) of ``module``
-    at the lookup token of each request's prompt in each context. The forward pass stops
-    at ``module``."""
-    kind, layer = module
-    rows = [row for r in requests for row in _rows(lm, r, templates, fact_token)]
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = _batch(lm, [p for p, _, _ in chunk])
-        with Hooks() as h:
-            target = lm.module(kind, layer)
-            box = h.capture_output(target) if output else h.capture_input(target)
-            if output and kind == "layer" and layer + 1 < lm.n_layers:
-                h.edit_input(lm.module("layer", layer + 1), _stop)
-            elif not output:
-                h.edit_input(target, _stop)
-            try:
-                lm.model(**batch, use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
-        idx = torch.tensor([i for _, _, i in chunk], device=lm.device)
-        out.append(box.value[torch.arange(len(chunk), device=lm.device), idx].float())
-    return torch.cat(out).view(len(requests), len(templates), -1)
-
-
-def compute_key(
-    lm: LM, request: EditRequest, layer: int, templates: list[str], fact_token="subject_last"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k*, k_p): the MLP key at the lookup token averaged over ``templates`` (Eq. 3),
-    and the key of the plain prompt (``templates[0]`` must be ``"{}"``)."""
-    if templates[0] != "{}":
-        raise ValueError('templates[0] must be the plain prompt "{}"')
-    keys = lookup_states(lm, [request], ("mlp_out", layer), templates, fact_token)[0]
-    return keys.mean(0), keys[0]
-
-
-# -- step 2: the value -------------------------------------------------------------------
-@dataclass
-class ValueResult:
-    """The optimised value: v* = ``v_init`` + ``delta`` at the edited layer's MLP output."""
-
-    delta: torch.Tensor
-    v_init: torch.Tensor
-    losses: list[dict] = field(default_factory=list)
-
-    @property
-    def v_star(self) -> torch.Tensor:
-        return self.v_init + self.delta
-
-
-@dataclass
-class _RowIndex:
-    """Rows of :func:`optimise_delta`'s batch, with the index tensors that point into them
-    (target tokens, KL positions, owners). Each row is split at its lookup token: the
-    *prefix* before it cannot depend on δ (attention is causal), so it is run once and
-    kept as a key/value cache; each optimisation step runs only the *suffix* (the lookup
-    token, where δ is added, and what follows it). Positions are counted in the suffix
-    (the lookup token is position 0 of every row); ``rows`` maps rows to the full batch.
-    """
-
-    suffix: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids of the suffixes
-    prefix: dict[str, torch.Tensor]  # input_ids, attention_mask of the prefixes
-    hidden: torch.Tensor | None  # the residual stream entering the edited layer (suffixes)
-    rows: torch.Tensor  # [rows] index of each row in the full batch
-    lookup: torch.Tensor  # [rows] the lookup token's position in the suffix (0 with a cache)
-    owner: torch.Tensor  # [rows] the request each row belongs to
-    tgt_rows: torch.Tensor  # [targets] row of each target token ...
-    tgt_pos: torch.Tensor  # ... the position predicting it ...
-    tgt_ids: torch.Tensor  # ... its id ...
-    tgt_weight: torch.Tensor  # ... and 1 / (target tokens in its row)
-    kl_rows: torch.Tensor  # [kl rows] the "{subject} is a" rows held here ...
-    kl_pos: torch.Tensor  # ... their last position ...
-    requests: torch.Tensor  # ... and their requests (indices into the full list)
-    cache_arg: str = "past_key_values"  # the forward pass's name for the cache
-    _cache: object = None
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.suffix["attention_mask"].sum(1)
-
-    def select(self, active: torch.Tensor) -> _RowIndex:
-        """Only the rows of the requests where ``active`` (indexed by the full request list)
-        is true: the finished requests' rows are dropped from the forward pass."""
-        return self.select_rows(active[self.owner])
-
-    def select_rows(self, keep_rows: torch.Tensor) -> _RowIndex:
-        """The rows where ``keep_rows`` is true, padded only to the longest of them."""
-        sel = torch.nonzero(keep_rows).flatten()
-        new_index = torch.full_like(self.owner, -1)
-        new_index[sel] = torch.arange(len(sel), device=sel.device)
-        width = int(self.lengths[sel].max()) if len(sel) else 0
-        prefix_width = int(self.prefix["attention_mask"][sel].sum(1).max()) if len(sel) else 0
-        keep_tgt = keep_rows[self.tgt_rows]
-        keep_kl = keep_rows[self.kl_rows]
-        return _RowIndex(
-            suffix={k: v[sel, :width] for k, v in self.suffix.items()},
-            prefix={k: v[sel, :prefix_width] for k, v in self.prefix.items()},
-            hidden=None if self.hidden is None else self.hidden[sel, :width],
-            rows=self.rows[sel],
-            lookup=self.lookup[sel],
-            owner=self.owner[sel],
-            tgt_rows=new_index[self.tgt_rows[keep_tgt]],
-            tgt_pos=self.tgt_pos[keep_tgt],
-            tgt_ids=self.tgt_ids[keep_tgt],
-            tgt_weight=self.tgt_weight[keep_tgt],
-            kl_rows=new_index[self.kl_rows[keep_kl]],
-            kl_pos=self.kl_pos[keep_kl],
-            requests=self.requests[keep_kl],
-            cache_arg=self.cache_arg,
-        )
-
-    def by_length(self, max_parts: int = 3) -> list[_RowIndex]:
-        """The rows split into at most ``max_parts`` groups of similar suffix length, chosen
-        to pad as few tokens as possible."""
-        length_t = self.lengths
-        cuts = _length_cuts(sorted(length_t.tolist()), max_parts)
-        if len(cuts) == 1:
-            return [self]
-        parts, low = [], 0
-        for high in cuts:
-            parts.append(self.select_rows((length_t > low) & (length_t <= high)))
-            low = high
-        return parts
-
-    def inputs(self, lm: LM) -> dict:
-        """Keyword arguments of the model's forward pass over the suffixes: with a fresh
-        copy of the prefixes' key/value cache (each pass appends to it) when there is a
-        prefix. The cache is computed on first use, without gradients: every row's
-        prefix is run with all its positions visible (a pad only ever follows the real
-        tokens of its row, so the real tokens' keys and values are exact and no row is
-        fully masked), and then masked in the suffix pass."""
-        if self.prefix["input_ids"].shape[1] == 0:
-            return self.suffix | {"use_cache": False}
-        if self._cache is None:
-            self._cache = DynamicCache(config=lm.model.config)
-            with torch.no_grad():
-                final_hidden(
-                    lm,
-                    input_ids=self.prefix["input_ids"],
-                    use_cache=True,
-                    **{self.cache_arg: self._cache},
-                )
-        mask = torch.cat([self.prefix["attention_mask"], self.suffix["attention_mask"]], 1)
-        return {
-            "input_ids": self.suffix["input_ids"],
-            "position_ids": self.suffix["position_ids"],
-            "attention_mask": mask,
-            "use_cache": True,
-            self.cache_arg: copy.deepcopy(self._cache),
-        }
-
-
-def _length_cuts(lengths: list[int], max_parts: int) -> list[int]:
-    """Upper lengths of ≤ ``max_parts`` groups of the sorted ``lengths`` that minimise the
-    padded tokens Σ_groups (rows × longest row), by dynamic programming over split points
-    (a group never splits rows of equal length)."""
-    n = len(lengths)
-    ends = [i for i in range(1, n + 1) if i == n or lengths[i] != lengths[i - 1]]
-    best = {0: (0, [])}  # rows covered → (padded tokens, cut lengths)
-    for _ in range(max_parts):
-        nxt = dict(best)
-        for start, (cost, cuts) in best.items():
-            for end in ends:
-                if end <= start:
-                    continue
-                c = cost + (end - start) * lengths[end - 1]
-                if end not in nxt or c < nxt[end][0]:
-                    nxt[end] = (c, cuts + [lengths[end - 1]])
-        best = nxt
-    return best[n][1]
-
-
-def optimise_delta(
-    lm: LM,
-    requests: list[EditRequest],
-    module: tuple[str, int],
-    hp,
-    templates: list[str],
-    prefix_cache: bool = True,
-) -> list[ValueResult]:
-    """δ for each request: added to the output of ``module`` (``("mlp", L)`` for ROME,
-    ``("layer", L)`` for MEMIT) at the lookup token of every row, optimised as in Eq. 4.
-
-    Requests are optimised together (one δ each; the loss is a sum over requests, so one
-    backward pass serves all); a request that reaches ``early_stop_loss`` is frozen and
-    its rows leave the batch, so the passes shrink as requests finish. The rows go
-    through the model in a few groups of similar length (:meth:`_RowIndex.by_length`)
-    rather than one batch padded to the longest row, and only from the lookup token on:
-    the tokens before it are run once and kept as a key/value cache (``prefix_cache``;
-    turning it off gives the same δ up to rounding, in about twice the time).
-    """
-    kind, layer = module
-    if templates[0] != "{}":
-        raise ValueError('templates[0] must be the plain prompt "{}"')
-    rows, owner, lookup, kl_rows, plain_rows = [], [], [], [], []
-    for i, r in enumerate(requests):
-        plain_rows.append(len(rows))
-        for prompt_ids, target_ids, idx in _rows(lm, r, templates, hp.fact_token):
-            rows.append(prompt_ids + target_ids[:-1])
-            owner.append(i)
-            lookup.append((idx, len(prompt_ids), target_ids))
-        kl_template = "{} is a"
-        kl_ids = lm.tokenizer(kl_template.replace("{}", r.subject))["input_ids"]
-        kl_idx = (
-            len(kl_ids) - 1
-            if hp.fact_token == "last"
-            else subject_span(lm, kl_template, r.subject)[1] - 1
-        )
-        kl_rows.append(len(rows))
-        rows.append(kl_ids)
-        owner.append(i)
-        lookup.append((kl_idx, len(kl_ids), None))
-    dev = lm.device
-    n_req = len(requests)
-    look = [idx for idx, _, _ in lookup]
-    if not prefix_cache:
-        look = [0] * len(rows)
-    batch = _batch(lm, rows)
-    suffix = _batch(lm, [row[a:] for row, a in zip(rows, look)])
-    suffix["position_ids"] = (
-        torch.arange(suffix["input_ids"].shape[1], device=dev)[None]
-        + torch.tensor(look, device=dev)[:, None]
-    )
-    owner_t = torch.tensor(owner, device=dev)
-    # where the loss reads the logits: every target token of the rewriting rows ...
-    tgt_rows, tgt_pos, tgt_ids = [], [], []
-    for r, (_, n_prompt, target_ids) in enumerate(lookup):
-        for j, t in enumerate(target_ids or []):
-            tgt_rows.append(r)
-            tgt_pos.append(n_prompt - 1 + j - look[r])
-            tgt_ids.append(t)
-    tgt_rows_t = torch.tensor(tgt_rows, device=dev)
-    # ... and the next token after "{subject} is a"
-    kl_rows_t = torch.tensor(kl_rows, device=dev)
-    plain_rows_t = torch.tensor(plain_rows, device=dev)
-    # each request's rows weigh equally: mean over its target tokens, then over its rows
-    tokens_per_row = torch.zeros(len(rows), device=dev).index_add_(
-        0, tgt_rows_t, torch.ones(len(tgt_rows), device=dev)
-    )
-    rows_per_req = torch.zeros(n_req, device=dev).index_add_(
-        0, owner_t[tgt_rows_t], 1.0 / tokens_per_row[tgt_rows_t]
-    )
-    hidden = layer_input(lm, batch, layer)  # the stream below the edited layer, fixed
-    if hidden is not None:
-        at = (suffix["position_ids"]).clamp(max=hidden.shape[1] - 1)
-        hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[2]))
-    full = _RowIndex(
-        suffix=suffix,
-        prefix=_batch(lm, [row[:a] for row, a in zip(rows, look)]),
-        hidden=hidden,
-        rows=torch.arange(len(rows), device=dev),
-        # the lookup token of each row, in the suffix (0 unless prefix_cache is off)
-        lookup=torch.tensor([idx - a for (idx, _, _), a in zip(lookup, look)], device=dev),
-        owner=owner_t,
-        tgt_rows=tgt_rows_t,
-        tgt_pos=torch.tensor(tgt_pos, device=dev),
-        tgt_ids=torch.tensor(tgt_ids, device=dev),
-        tgt_weight=1.0 / tokens_per_row[tgt_rows_t],
-        kl_rows=kl_rows_t,
-        kl_pos=suffix["attention_mask"][kl_rows_t].sum(1) - 1,
-        requests=torch.arange(n_req, device=dev),
-        cache_arg=cache_keyword(lm),
-    )
-    parts = full.by_length()
-
-    d = lm.d_model
-    delta = torch.zeros(n_req, d, device=dev, dtype=torch.float32, requires_grad=True)
-    init = torch.zeros(len(rows), d, device=dev)  # each row's output at the lookup token
-    unembed = lm.module("unembed")
-    kl_init = torch.zeros(n_req, unembed.weight.shape[0], device=dev)
-
-    def run(part: _RowIndex, first: bool):
-        """One pass over ``part`` with δ added: (target token NLLs, KL rows' log-probs)."""
-
-        def add_delta(out):
-            at = torch.arange(len(part.rows), device=out.device)
-            where = part.lookup
-            if first:
-                init[part.rows] = out[at, where].detach().float()
-            out = out.clone()
-            out[at, where] = out[at, where] + delta[part.owner].to(out.dtype)
-            return out
-
-        inputs = part.inputs(lm)  # (the prefix cache runs the whole model: outside the hooks)
-        with Hooks() as h, replay_layers(lm, layer, part.hidden):
-            h.edit_output(lm.module(kind, layer), add_delta)
-            final = final_hidden(lm, detach=False, **inputs)
-        logp = torch.log_softmax(unembed(final[part.tgt_rows, part.tgt_pos]).float(), -1)
-        tok_nll = -logp.gather(1, part.tgt_ids[:, None])[:, 0] * part.tgt_weight
-        kl_logp = torch.log_softmax(unembed(final[part.kl_rows, part.kl_pos]).float(), -1)
-        return tok_nll, kl_logp
-
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    active = torch.ones(n_req, dtype=torch.bool, device=dev)
-    histories: list[list[dict]] = [[] for _ in range(n_req)]
-    v_init = None
-    for step in range(hp.v_num_grad_steps):
-        opt.zero_grad(set_to_none=True)
-        nll = torch.zeros(n_req, device=dev)
-        kl = torch.zeros(n_req, device=dev)
-        for part in parts:
-            tok_nll, kl_logp = run(part, first=step == 0)
-            nll = nll.index_add(0, part.owner[part.tgt_rows], tok_nll)
-            if step == 0:
-                kl_init[part.requests] = kl_logp.detach()
-            # KL(edited ‖ original) on the next token after "{subject} is a"
-            kl_now = (kl_logp.exp() * (kl_logp - kl_init[part.requests])).sum(-1)
-            kl = kl.index_add(0, part.requests, kl_now)
-        nll = nll / rows_per_req
-        if v_init is None:
-            v_init = init[plain_rows_t]  # m: the output at the plain prompt
-        wd = delta.norm(dim=1) / v_init.norm(dim=1) ** 2
-        loss = nll + hp.kl_factor * kl + hp.v_weight_decay * wd
-        values = torch.stack([loss, nll, kl, wd]).detach().tolist()
-        for i in torch.nonzero(active).flatten().tolist():
-            histories[i].append(
-                {
-                    "step": step,
-                    "loss": values[0][i],
-                    "nll": values[1][i],
-                    "kl": values[2][i],
-                    "weight_decay": values[3][i],
-                    "p_target": math.exp(-values[1][i]),
-                }
-            )
-        watched = nll if hp.early_stop_term == "nll" else loss
-        still = active & (watched.detach() >= hp.early_stop_loss)
-        if not still.any() or step == hp.v_num_grad_steps - 1:
-            break
-        (loss * still).sum().backward()
-        frozen = delta.detach().clone()
-        opt.step()
-        with torch.no_grad():
-            delta[~still] = frozen[~still]
-            max_norm = hp.clamp_norm_factor * v_init.norm(dim=1)
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-        if not torch.equal(still, active):  # finished requests leave the batch
-            active = still
-            parts = full.select(active).by_length()
-    return [
-        ValueResult(delta[i].detach().clone(), v_init[i].clone(), histories[i])
-        for i in range(n_req)
-    ]
-
-
-def compute_value(
-    lm: LM, request: EditRequest, layer: int, hp: ROMEHParams, templates: list[str]
-) -> ValueResult:
-    """v* = m + δ at the MLP output of ``layer`` for one request (Eq. 4)."""
-    return optimise_delta(lm, [request], ("mlp", layer), hp, templates)[0]
-
-
-# -- step 3: the update ------------------------------------------------------------------
-def rank_one_update(
-    W: torch.Tensor,
-    C: torch.Tensor | None,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_insert: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ΔW of ROME's Eq. 2: the change of W (out × in) with the smallest effect on the keys
-    summarised by C (in × in) such that (W + ΔW) k_insert = v.
-
-        ΔW = (v − W k_insert) (C⁻¹ k)ᵀ / ((C⁻¹ k)ᵀ k_insert),   k_insert = k by default.
-
-    ``C=None`` uses the identity. ``k_insert ≠ k`` is the original implementation's form
-    (direction from the averaged key, constraint on the plain prompt's key).
-    """
-    k_insert = k if k_insert is None else k_insert
-    W64, k64, ki64, v64 = (x.double() for x in (W, k, k_insert, v))
-    u = k64 if C is None else torch.linalg.solve(C.double(), k64)
-    residual = v64 - W64 @ ki64
-    return torch.outer(residual, u) / (u @ ki64)
-
-
-def _key_stats(lm: LM, layer: int, hp) -> torch.Tensor | None:
-    if not hp.mom2_adjustment:
-        return None
-    stats = second_moment(
-        lm, layer, hp.mom2_corpus, hp.mom2_n_samples, max_length=hp.mom2_max_length
-    )
-    return stats.mom2
-
-
 def rome_vectors(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
     """Steps 1 and 2 for one request: k*, k_p and the value (no weight changes)."""
     layer = hp.layers[0]
@@ -701,7 +208,7 @@ def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
     layer = hp.layers[0]
     vectors = rome_vectors(lm, request, hp)
     t0 = time.perf_counter()
-    C = _key_stats(lm, layer, hp)
+    C = key_stats(lm, layer, hp)
     t1 = time.perf_counter()
     upd = rome_delta(lm, layer, vectors, C, hp.key_form)
     with torch.no_grad():

@@ -1,0 +1,328 @@
+"""Chapter 5 exercises: the exposure of a secret from its rank, and the digit-wise rank.
+
+References: :func:`medit_lite.applications.privacy.exposure` (Carlini et al., 2019,
+Def. 3) and :func:`medit_lite.applications.privacy.tree_rank` (the rank DEPN's code
+computes, Wu et al., 2023); the bias slope a_s of DAMA's evaluation
+(:func:`medit_lite.applications.bias.bias_regression`, Limisiewicz et al., 2024) and the
+projection that removes a subspace (:func:`medit_lite.methods.dama.nullspace_projection`).
+Solutions: ``show_solution("5.1")`` ... ``show_solution("5.4")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..applications.privacy import exposure, tree_rank
+from .check import CheckResult, run_check
+
+
+def _report(result: CheckResult, raise_on_fail: bool) -> CheckResult:
+    print(repr(result))
+    if raise_on_fail and not result:
+        raise AssertionError(result.message)
+    return result
+
+
+def _refuse(name: str, fn: Callable, references: tuple) -> CheckResult | None:
+    if any(fn is ref for ref in references):
+        return CheckResult(
+            False, f"{name}: that is the package's own function; write yours in the stub."
+        )
+    return None
+
+
+# -- exercise 5.1: exposure from rank ----------------------------------------------------
+def reference_exposure_from_rank(rank: int, n_digits: int) -> float:
+    """Exposure in bits of a secret of ``n_digits`` digits whose rank is ``rank`` (1 =
+    the most likely of all 10**n_digits candidates)."""
+    return exposure(rank, 10**n_digits)
+
+
+_EXPOSURE_CASES = [(1, 10), (10**10, 10), (1024, 10), (7, 3), (500, 4), (123456, 6)]
+
+_EXPOSURE_MISTAKES = [
+    (
+        lambda r, n: n * math.log(10) - math.log(r),
+        "exposure is measured in bits: use log base 2, not the natural log.",
+    ),
+    (
+        lambda r, n: -math.log2(r),
+        "you left out log₂|R|, the bits of the whole candidate space (|R| = 10**n_digits): "
+        "exposure compares the rank with the number of candidates.",
+    ),
+    (
+        lambda r, n: n * math.log2(10) - math.log2(r + 1),
+        "rank is already 1-based (1 = the most likely candidate), so a top-ranked secret "
+        "has the full log₂|R| bits: don't add 1.",
+    ),
+    (
+        lambda r, n: math.log2(r),
+        "that is log₂ rank alone: exposure is log₂|R| − log₂ rank, large when the rank is small.",
+    ),
+]
+
+
+def check_exposure_from_rank(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(rank, n_digits) -> bits``."""
+    name = "exposure_from_rank"
+    refused = _refuse(name, fn, (reference_exposure_from_rank, exposure))
+    if refused is not None:
+        return _report(refused, raise_on_fail)
+    return run_check(
+        name,
+        fn,
+        reference_exposure_from_rank,
+        _EXPOSURE_CASES,
+        _EXPOSURE_MISTAKES,
+        raise_on_fail,
+    )
+
+
+# -- exercise 5.2: the digit-wise rank ---------------------------------------------------
+def reference_digit_rank(table: torch.Tensor, digits: list[int]) -> int:
+    """``1 + Σ_i r_i · 10^{L-1-i}``, ``r_i`` the number of digits scored strictly higher
+    than the true digit ``digits[i]`` in row ``i`` of ``table`` ([L, 10])."""
+    return tree_rank(table, digits)
+
+
+def _digit_cases() -> list[tuple]:
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for L in (1, 3, 4, 10):
+        table = torch.randn(L, 10, generator=g)
+        digits = torch.randint(0, 10, (L,), generator=g).tolist()
+        cases.append((table, digits))
+    top = torch.randn(5, 10, generator=g)
+    cases.append((top, top.argmax(1).tolist()))  # the most likely secret: rank 1
+    return cases
+
+
+def _ranks(table, digits, strict=True):
+    return [
+        int((table[i] > table[i, d]).sum()) if strict else int((table[i] >= table[i, d]).sum())
+        for i, d in enumerate(digits)
+    ]
+
+
+_DIGIT_MISTAKES = [
+    (
+        lambda t, d: sum(r * 10 ** (len(d) - 1 - i) for i, r in enumerate(_ranks(t, d))),
+        "that is the number of candidates ranked above the secret; its rank is one more "
+        "(rank 1 = the most likely), so add 1.",
+    ),
+    (
+        lambda t, d: 1 + sum(r * 10**i for i, r in enumerate(_ranks(t, d))),
+        "the place values are reversed: the first digit is the most significant, each of "
+        "its better alternatives puts 10^(L-1) candidates ahead.",
+    ),
+    (
+        lambda t, d: 1 + sum(r * 10 ** (len(d) - 1 - i) for i, r in enumerate(_ranks(t, d, False))),
+        "count the digits scored strictly higher than the true one: with >= the true digit "
+        "counts itself.",
+    ),
+    (
+        lambda t, d: 1 + sum(_ranks(t, d)),
+        "each better digit at position i puts a whole subtree of 10^(L-1-i) candidates "
+        "ahead, not one: weight r_i by its place value.",
+    ),
+]
+
+
+def check_digit_rank(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(table, digits) -> int``, the exact digit-wise rank."""
+    name = "digit_rank"
+    refused = _refuse(name, fn, (reference_digit_rank, tree_rank))
+    if refused is not None:
+        return _report(refused, raise_on_fail)
+    for table, digits in _digit_cases():
+        try:
+            out = fn(table.clone(), list(digits))
+        except NotImplementedError:
+            return _report(
+                CheckResult(False, f"{name}: not implemented yet (it raised NotImplementedError)."),
+                raise_on_fail,
+            )
+        except Exception as exc:  # a student's bug: explain, don't crash the notebook
+            return _report(
+                CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}"), raise_on_fail
+            )
+        try:
+            value = int(out)
+        except (TypeError, ValueError):
+            return _report(
+                CheckResult(False, f"{name}: return an integer rank, got {out!r}."), raise_on_fail
+            )
+        if value != reference_digit_rank(table, digits):
+            for broken, hint in _DIGIT_MISTAKES:
+                if all(int(fn(t.clone(), list(d))) == broken(t, d) for t, d in _digit_cases()):
+                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+            return _report(
+                CheckResult(
+                    False,
+                    f"{name}: for a {len(digits)}-digit secret expected "
+                    f"{reference_digit_rank(table, digits)}, got {value}.",
+                ),
+                raise_on_fail,
+            )
+    return _report(CheckResult(True, f"{name}: correct on all 5 cases."), raise_on_fail)
+
+
+# -- exercise 5.3: DAMA's bias slope a_s -------------------------------------------------
+def reference_bias_slope(x_s, x_f, y) -> float:
+    """a_s of the joint least-squares fit y = a_s·x_s + a_f·x_f + b (DAMA's bias slope)."""
+    from ..applications.bias import bias_regression
+
+    return bias_regression(x_s, x_f, y)["a_s"]
+
+
+def _slope_cases() -> list[tuple]:
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n, (a_s, a_f, b) in (
+        (40, (0.3, 0.5, 0.1)),
+        (25, (-0.2, 0.8, -0.05)),
+        (60, (0.0, 0.4, 0.2)),
+    ):
+        f = torch.rand(n, generator=g) * 2 - 1
+        s = 0.6 * f + 0.4 * (torch.rand(n, generator=g) * 2 - 1)  # the scores correlate
+        y = a_s * s + a_f * f + b + 0.02 * torch.randn(n, generator=g)
+        cases.append((s.tolist(), f.tolist(), y.tolist()))
+    return cases
+
+
+def _lstsq(cols, y):
+    X = torch.tensor(cols, dtype=torch.float64).T
+    return torch.linalg.lstsq(X, torch.tensor(y, dtype=torch.float64)[:, None]).solution[:, 0]
+
+
+def _one_slope(x, y):
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    return float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+
+
+_SLOPE_MISTAKES = [
+    (
+        lambda s, f, y: float(_lstsq([s, f], y)[0]),
+        "add a column of ones: without the intercept b the slope has to explain the mean "
+        "of P(he) − P(she) too.",
+    ),
+    (
+        lambda s, f, y: _one_slope(s, y),
+        "that is the slope of y on x_s alone; the professions' stereotypical and factual "
+        "scores correlate, so fit both together (a_s is the effect of x_s at fixed x_f).",
+    ),
+    (
+        lambda s, f, y: float(_lstsq([s, f, [1.0] * len(s)], y)[1]),
+        "that is a_f, the coefficient of the factual score; a_s belongs to x_s.",
+    ),
+]
+
+
+def check_bias_slope(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(x_s, x_f, y) -> a_s`` (lists of floats in, a float out)."""
+    name = "bias_slope"
+    refused = _refuse(name, fn, (reference_bias_slope,))
+    if refused is not None:
+        return _report(refused, raise_on_fail)
+    return run_check(name, fn, reference_bias_slope, _slope_cases(), _SLOPE_MISTAKES, raise_on_fail)
+
+
+# -- exercise 5.4: the projection that removes a subspace ---------------------------------
+def reference_remove_subspace(B: torch.Tensor) -> torch.Tensor:
+    """P = I − B B⁺: the orthogonal projection onto the complement of B's columns (DAMA)."""
+    from ..methods.dama import nullspace_projection
+
+    return nullspace_projection(B.double().numpy())
+
+
+def _subspace_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(8)
+    return [
+        torch.randn(d, k, generator=g, dtype=torch.float64) * 2 for d, k in ((6, 2), (8, 3), (5, 1))
+    ]
+
+
+_SUBSPACE_MISTAKES = [
+    (
+        lambda B: torch.eye(B.shape[0], dtype=B.dtype) - B @ B.T,
+        "I − B Bᵀ is a projection only when B's columns are orthonormal; use the "
+        "pseudo-inverse (I − B B⁺) or orthonormalise B first (QR).",
+    ),
+    (
+        lambda B: B @ torch.linalg.pinv(B),
+        "that projects ONTO the subspace (B B⁺); DAMA removes it: I − B B⁺.",
+    ),
+    (
+        lambda B: (
+            torch.eye(B.shape[0], dtype=B.dtype)
+            - torch.outer(B[:, 0], B[:, 0]) / (B[:, 0] @ B[:, 0])
+        ),
+        "that removes only the first column's direction: P must remove every column of B "
+        "(the whole subspace they span).",
+    ),
+]
+
+
+def check_remove_subspace(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(B) -> P`` (B: d × k, float64; P: d × d with P B = 0 and P² = P)."""
+    name = "remove_subspace"
+    refused = _refuse(name, fn, (reference_remove_subspace,))
+    if refused is not None:
+        return _report(refused, raise_on_fail)
+    for B in _subspace_cases():
+        out, fail = None, None
+        try:
+            out = fn(B.clone())
+        except NotImplementedError:
+            fail = CheckResult(
+                False, f"{name}: not implemented yet (it raised NotImplementedError)."
+            )
+        except Exception as exc:  # a student's bug: explain, don't crash the notebook
+            fail = CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}")
+        if fail is not None:
+            return _report(fail, raise_on_fail)
+        d = B.shape[0]
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (d, d):
+            return _report(CheckResult(False, f"{name}: return a {d} × {d} tensor."), raise_on_fail)
+        out = out.double()
+        if not torch.allclose(out, reference_remove_subspace(B), atol=1e-8):
+            for broken, hint in _SUBSPACE_MISTAKES:
+                if torch.allclose(out, broken(B), atol=1e-8):
+                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+            hint = (
+                "P B ≠ 0: the directions are not removed."
+                if not torch.allclose(out @ B, torch.zeros_like(B), atol=1e-8)
+                else "P B = 0, but P is not the orthogonal projection (P² = P, Pᵀ = P)."
+            )
+            return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+    return _report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
+
+
+# -- solutions ----------------------------------------------------------------------------
+_SOLUTIONS = {
+    "5.1": """def exposure_from_rank(rank, n_digits):
+    return n_digits * math.log2(10) - math.log2(rank)""",
+    "5.2": """def digit_rank(table, digits):
+    L = len(digits)
+    rank = 1
+    for i, d in enumerate(digits):
+        better = int((table[i] > table[i, d]).sum())  # digits more likely than the true one
+        rank += better * 10 ** (L - 1 - i)            # each puts a subtree of 10^(L-1-i) ahead
+    return rank""",
+    "5.3": """def bias_slope(x_s, x_f, y):
+    X = torch.tensor([x_s, x_f, [1.0] * len(x_s)], dtype=torch.float64).T  # with the intercept
+    coef = torch.linalg.lstsq(X, torch.tensor(y, dtype=torch.float64)[:, None]).solution
+    return float(coef[0])  # a_s""",
+    "5.4": """def remove_subspace(B):
+    return torch.eye(B.shape[0], dtype=B.dtype) - B @ torch.linalg.pinv(B)  # I − B B⁺""",
+}
+
+
+def show_solution(number: str) -> None:
+    """Print the solution of exercise ``number`` ("5.1" to "5.4")."""
+    if number not in _SOLUTIONS:
+        raise ValueError(f"no exercise {number!r}; chapter 5 has {', '.join(_SOLUTIONS)}")
+    print(_SOLUTIONS[number])

@@ -1,0 +1,118 @@
+"""Benchmark results as the book's pages read them.
+
+The scripts in ``benchmarks/`` write JSON files into ``benchmarks/results/``; pages never
+type a number, they read it from there. :func:`load_results` finds one file;
+:func:`evaluation_rows` walks every file and collects each :func:`medit_lite.evaluate.evaluate`
+result in it (a dict with ``method``, ``n`` and ``metrics``), so that a comparison table
+grows by itself as benchmarks for more methods are run.
+
+The folder is ``$MEDIT_RESULTS`` when set, else ``benchmarks/results`` of the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .metrics import METRIC_KEYS
+
+
+def results_dir() -> Path:
+    """Where benchmark results are read from."""
+    env = os.environ.get("MEDIT_RESULTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def load_results(name: str) -> dict | None:
+    """The JSON result ``name`` (without ``.json``), or None where it has not been run."""
+    path = results_dir() / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _data_label(value) -> str | None:
+    """'counterfact' or 'zsre' where a string names one of those datasets."""
+    if not isinstance(value, str):
+        return None
+    text = value.lower()
+    if "zsre" in text:
+        return "zsre"
+    if "counterfact" in text or text in {"cf", "mcf"}:
+        return "counterfact"
+    return None
+
+
+def _walk(node, path: tuple[str, ...], data: str | None) -> Iterable[tuple[tuple, str, dict]]:
+    if isinstance(node, dict):
+        for key in ("data", "dataset"):
+            data = _data_label(node.get(key)) or data
+        if {"method", "n", "metrics"} <= set(node) and isinstance(node["metrics"], dict):
+            yield path, data, node
+            return
+        for key, value in node.items():
+            yield from _walk(value, path + (str(key),), _data_label(key) or data)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, path + (str(i),), data)
+
+
+def evaluation_rows(names: Sequence[str] | None = None) -> list[dict]:
+    """One flat row per evaluation result found in the result files.
+
+    Each row has ``file``, ``where`` (its path inside the file), ``label`` (the method,
+    marked when the result is one batch of many edits), ``data`` (``counterfact``,
+    ``zsre`` or None where the file does not say), ``method``, ``n``, ``sequential``,
+    ``seconds_per_edit`` and every metric the result holds. ``names`` limits the files
+    read (default: all).
+    """
+    root = results_dir()
+    files = (
+        [root / f"{n}.json" for n in names] if names is not None else sorted(root.glob("*.json"))
+    )
+    rows = []
+    for path in files:
+        if not path.is_file():
+            continue
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        for where, data, result in _walk(payload, (), None):
+            where_text = "/".join(where).lower()
+            row = {
+                "file": path.stem,
+                "where": "/".join(where),
+                "data": data,
+                "method": result["method"],
+                "label": result["method"] + (" (one batch)" if "batch" in where_text else ""),
+                "n": result["n"],
+                "sequential": bool(result.get("sequential", False)),
+                "seconds_per_edit": result.get("seconds_per_edit"),
+            }
+            row.update({k: result["metrics"][k] for k in METRIC_KEYS if k in result["metrics"]})
+            rows.append(row)
+    return rows
+
+
+def comparison(
+    rows: Sequence[dict],
+    data: str,
+    keys: Sequence[str],
+    *,
+    sequential: bool = False,
+    largest_n: bool = True,
+) -> list[dict]:
+    """The rows of one dataset and mode, one per label (the run with the most records, or
+    the first found), sorted with the unedited model first, then by label."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["data"] != data or r["sequential"] != sequential:
+            continue
+        kept = best.get(r["label"])
+        if kept is None or (largest_n and r["n"] > kept["n"]):
+            best[r["label"]] = r
+    order = sorted(best, key=lambda m: (m != "none", m))
+    cols = ["label", "method", "n", *keys, "seconds_per_edit", "file"]
+    return [{c: best[m].get(c) for c in cols} for m in order]
