@@ -24,16 +24,9 @@ from collections.abc import Callable
 import torch
 
 from ..methods.grace import deferral
-from .check import CheckResult
+from .check import CheckResult, call_answer, report
 
 _SOLUTIONS: dict[str, str] = {}
-
-
-def _report(result: CheckResult, raise_on_fail: bool) -> CheckResult:
-    print(repr(result))
-    if raise_on_fail and not result:
-        raise AssertionError(result.message)
-    return result
 
 
 def show_solution(name: str) -> None:
@@ -147,27 +140,19 @@ def check_grace_layer_output(fn, raise_on_fail: bool = False) -> CheckResult:
     """Check ``fn(query, keys, eps, values, layer_out) -> output``, GRACE's Eq. 1 per row."""
     name = "grace_layer_output"
     if fn is reference_grace_layer_output or fn is deferral:
-        return _report(
+        return report(
             CheckResult(False, f"{name}: that is the package's own function; write yours."),
             raise_on_fail,
         )
     for i, args in enumerate(_grace_cases()):
         copies = tuple(a.clone() for a in args)
-        try:
-            out = fn(*copies)
-        except NotImplementedError:
-            return _report(
-                CheckResult(False, f"{name}: not implemented yet (it raised NotImplementedError)."),
-                raise_on_fail,
-            )
-        except Exception as exc:  # a student's bug: explain, don't crash the notebook
-            return _report(
-                CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}"), raise_on_fail
-            )
+        out, failed = call_answer(name, fn, *copies)
+        if failed is not None:
+            return report(failed, raise_on_fail)
         expected = reference_grace_layer_output(*args)
         if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return _report(
+            return report(
                 CheckResult(
                     False,
                     f"{name}: return one row per query, shaped like layer_out "
@@ -178,9 +163,9 @@ def check_grace_layer_output(fn, raise_on_fail: bool = False) -> CheckResult:
         if not torch.allclose(out.float(), expected, atol=1e-6):
             for broken, hint in _GRACE_MISTAKES:
                 if torch.allclose(out.float(), broken(*args), atol=1e-6):
-                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+                    return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
             rows = (~torch.isclose(out.float(), expected, atol=1e-6).all(-1)).nonzero().flatten()
-            return _report(
+            return report(
                 CheckResult(
                     False,
                     f"{name}: case {i}, query row(s) {rows.tolist()} differ: for each query find "
@@ -188,7 +173,7 @@ def check_grace_layer_output(fn, raise_on_fail: bool = False) -> CheckResult:
                 ),
                 raise_on_fail,
             )
-    return _report(CheckResult(True, f"{name}: correct on all {i + 1} cases."), raise_on_fail)
+    return report(CheckResult(True, f"{name}: correct on all {i + 1} cases."), raise_on_fail)
 
 
 _SOLUTIONS["grace"] = """def grace_layer_output(query, keys, eps, values, layer_out):
@@ -287,7 +272,7 @@ def check_serac_route(fn, raise_on_fail: bool = False) -> CheckResult:
     from .check import run_check
 
     if fn is reference_serac_route or fn is route_decision:
-        return _report(
+        return report(
             CheckResult(False, "serac_route: that is the package's own function; write yours."),
             raise_on_fail,
         )
@@ -313,23 +298,15 @@ def _check_tensors(name, fn, reference, cases, mistakes, advice, refuse, raise_o
     """Run ``fn`` on each case against ``reference`` (tensors, compared with a tolerance);
     name a recognised mistake when the answers match it on every case."""
     if any(fn is r for r in refuse):
-        return _report(
+        return report(
             CheckResult(False, f"{name}: that is the package's own function; write yours."),
             raise_on_fail,
         )
     answers = []
     for args in cases:
-        try:
-            out = fn(*args)
-        except NotImplementedError:
-            return _report(
-                CheckResult(False, f"{name}: not implemented yet (it raised NotImplementedError)."),
-                raise_on_fail,
-            )
-        except Exception as exc:  # a student's bug: explain, don't crash the notebook
-            return _report(
-                CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}"), raise_on_fail
-            )
+        out, failed = call_answer(name, fn, *args)
+        if failed is not None:
+            return report(failed, raise_on_fail)
         answers.append(out)
     expected = [reference(*args) for args in cases]
 
@@ -341,15 +318,15 @@ def _check_tensors(name, fn, reference, cases, mistakes, advice, refuse, raise_o
         )
 
     if all(same(a, e) for a, e in zip(answers, expected)):
-        return _report(
+        return report(
             CheckResult(True, f"{name}: correct on all {len(cases)} cases."), raise_on_fail
         )
     for broken, hint in mistakes:
         if all(same(a, broken(*args)) for a, args in zip(answers, cases)):
-            return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+            return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
     i = next(i for i, (a, e) in enumerate(zip(answers, expected)) if not same(a, e))
     got = tuple(answers[i].shape) if isinstance(answers[i], torch.Tensor) else type(answers[i])
-    return _report(
+    return report(
         CheckResult(
             False,
             f"{name}: case {i} differs (expected shape {tuple(expected[i].shape)}, got {got}). "

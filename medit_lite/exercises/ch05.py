@@ -16,14 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ..applications.privacy import exposure, tree_rank
-from .check import CheckResult, run_check
-
-
-def _report(result: CheckResult, raise_on_fail: bool) -> CheckResult:
-    print(repr(result))
-    if raise_on_fail and not result:
-        raise AssertionError(result.message)
-    return result
+from .check import CheckResult, call_answer, report, run_check
 
 
 def _refuse(name: str, fn: Callable, references: tuple) -> CheckResult | None:
@@ -70,7 +63,7 @@ def check_exposure_from_rank(fn, raise_on_fail: bool = False) -> CheckResult:
     name = "exposure_from_rank"
     refused = _refuse(name, fn, (reference_exposure_from_rank, exposure))
     if refused is not None:
-        return _report(refused, raise_on_fail)
+        return report(refused, raise_on_fail)
     return run_check(
         name,
         fn,
@@ -136,30 +129,22 @@ def check_digit_rank(fn, raise_on_fail: bool = False) -> CheckResult:
     name = "digit_rank"
     refused = _refuse(name, fn, (reference_digit_rank, tree_rank))
     if refused is not None:
-        return _report(refused, raise_on_fail)
+        return report(refused, raise_on_fail)
     for table, digits in _digit_cases():
-        try:
-            out = fn(table.clone(), list(digits))
-        except NotImplementedError:
-            return _report(
-                CheckResult(False, f"{name}: not implemented yet (it raised NotImplementedError)."),
-                raise_on_fail,
-            )
-        except Exception as exc:  # a student's bug: explain, don't crash the notebook
-            return _report(
-                CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}"), raise_on_fail
-            )
+        out, failed = call_answer(name, fn, table.clone(), list(digits))
+        if failed is not None:
+            return report(failed, raise_on_fail)
         try:
             value = int(out)
         except (TypeError, ValueError):
-            return _report(
+            return report(
                 CheckResult(False, f"{name}: return an integer rank, got {out!r}."), raise_on_fail
             )
         if value != reference_digit_rank(table, digits):
             for broken, hint in _DIGIT_MISTAKES:
                 if all(int(fn(t.clone(), list(d))) == broken(t, d) for t, d in _digit_cases()):
-                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
-            return _report(
+                    return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+            return report(
                 CheckResult(
                     False,
                     f"{name}: for a {len(digits)}-digit secret expected "
@@ -167,7 +152,7 @@ def check_digit_rank(fn, raise_on_fail: bool = False) -> CheckResult:
                 ),
                 raise_on_fail,
             )
-    return _report(CheckResult(True, f"{name}: correct on all 5 cases."), raise_on_fail)
+    return report(CheckResult(True, f"{name}: correct on all 5 cases."), raise_on_fail)
 
 
 # -- exercise 5.3: DAMA's bias slope a_s -------------------------------------------------
@@ -226,7 +211,7 @@ def check_bias_slope(fn, raise_on_fail: bool = False) -> CheckResult:
     name = "bias_slope"
     refused = _refuse(name, fn, (reference_bias_slope,))
     if refused is not None:
-        return _report(refused, raise_on_fail)
+        return report(refused, raise_on_fail)
     return run_check(name, fn, reference_bias_slope, _slope_cases(), _SLOPE_MISTAKES, raise_on_fail)
 
 
@@ -271,34 +256,26 @@ def check_remove_subspace(fn, raise_on_fail: bool = False) -> CheckResult:
     name = "remove_subspace"
     refused = _refuse(name, fn, (reference_remove_subspace,))
     if refused is not None:
-        return _report(refused, raise_on_fail)
+        return report(refused, raise_on_fail)
     for B in _subspace_cases():
-        out, fail = None, None
-        try:
-            out = fn(B.clone())
-        except NotImplementedError:
-            fail = CheckResult(
-                False, f"{name}: not implemented yet (it raised NotImplementedError)."
-            )
-        except Exception as exc:  # a student's bug: explain, don't crash the notebook
-            fail = CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}")
-        if fail is not None:
-            return _report(fail, raise_on_fail)
+        out, failed = call_answer(name, fn, B.clone())
+        if failed is not None:
+            return report(failed, raise_on_fail)
         d = B.shape[0]
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (d, d):
-            return _report(CheckResult(False, f"{name}: return a {d} × {d} tensor."), raise_on_fail)
+            return report(CheckResult(False, f"{name}: return a {d} × {d} tensor."), raise_on_fail)
         out = out.double()
         if not torch.allclose(out, reference_remove_subspace(B), atol=1e-8):
             for broken, hint in _SUBSPACE_MISTAKES:
                 if torch.allclose(out, broken(B), atol=1e-8):
-                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+                    return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
             hint = (
                 "P B ≠ 0: the directions are not removed."
                 if not torch.allclose(out @ B, torch.zeros_like(B), atol=1e-8)
                 else "P B = 0, but P is not the orthogonal projection (P² = P, Pᵀ = P)."
             )
-            return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
-    return _report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
+            return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+    return report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
 
 
 # -- solutions ----------------------------------------------------------------------------

@@ -72,3 +72,23 @@ def _compare(name, fn, reference, cases, mistakes) -> CheckResult:
         f"{name}: on input {cases[i]} expected {expected[i]!r}, got {answers[i]!r} "
         f"({len(wrong)} of {len(cases)} cases differ).",
     )
+
+
+def report(result: CheckResult, raise_on_fail: bool = False) -> CheckResult:
+    """Print a check's outcome; raise AssertionError on failure if asked."""
+    print(repr(result))
+    if raise_on_fail and not result:
+        raise AssertionError(result.message)
+    return result
+
+
+def call_answer(name: str, fn: Callable, *args) -> tuple[object, CheckResult | None]:
+    """``(fn(*args), None)``, or ``(None, failure)`` explaining a stub that raised
+    NotImplementedError or an answer that raised: a student's bug must not crash the page."""
+    try:
+        return fn(*args), None
+    except NotImplementedError:
+        stub = f"{name}: not implemented yet (it raised NotImplementedError)."
+        return None, CheckResult(False, stub)
+    except Exception as exc:
+        return None, CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}")
