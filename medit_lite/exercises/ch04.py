@@ -6,30 +6,10 @@ References: :func:`medit_lite.methods.rome.rank_one_update` (ROME Eq. 2, Meng et
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..methods.rome import rank_one_update
-from .check import CheckResult
-
-
-def _report(result: CheckResult, raise_on_fail: bool) -> CheckResult:
-    print(repr(result))
-    if raise_on_fail and not result:
-        raise AssertionError(result.message)
-    return result
-
-
-def _call(name: str, fn: Callable, args) -> tuple[object, CheckResult | None]:
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, CheckResult(
-            False, f"{name}: not implemented yet (it raised NotImplementedError)."
-        )
-    except Exception as exc:  # a student's bug: explain, don't crash the notebook
-        return None, CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}")
+from .check import CheckResult, call_answer, report
 
 
 # -- exercise 1: the rank-one update ---------------------------------------------------------
@@ -77,12 +57,12 @@ def check_rank_one_update(fn, raise_on_fail: bool = False) -> CheckResult:
     on keys distributed with second moment C such that (W + ΔW) k = v."""
     name = "rank_one_update"
     for i, (W, C, k, v) in enumerate(_rank_one_cases()):
-        out, fail = _call(name, fn, (W.clone(), C.clone(), k.clone(), v.clone()))
+        out, fail = call_answer(name, fn, W.clone(), C.clone(), k.clone(), v.clone())
         if fail is not None:
-            return _report(fail, raise_on_fail)
+            return report(fail, raise_on_fail)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(W.shape):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return _report(
+            return report(
                 CheckResult(
                     False, f"{name}: return a tensor shaped like W {tuple(W.shape)}, got {shape}."
                 ),
@@ -92,7 +72,7 @@ def check_rank_one_update(fn, raise_on_fail: bool = False) -> CheckResult:
         if not torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-8):
             for broken, hint in _RANK_ONE_MISTAKES:
                 if torch.allclose(out.double(), broken(W, C, k, v), rtol=1e-5, atol=1e-8):
-                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+                    return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
             stored = torch.allclose((W + out.double()) @ k, v, atol=1e-6)
             hint = (
                 "(W + ΔW) k = v holds, but this is not the update that disturbs the other "
@@ -100,8 +80,8 @@ def check_rank_one_update(fn, raise_on_fail: bool = False) -> CheckResult:
                 if stored
                 else "(W + ΔW) k ≠ v: the new key does not map to the new value."
             )
-            return _report(CheckResult(False, f"{name}: case {i} differs. {hint}"), raise_on_fail)
-    return _report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
+            return report(CheckResult(False, f"{name}: case {i} differs. {hint}"), raise_on_fail)
+    return report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
 
 
 # -- exercise 2: one restoration ------------------------------------------------------------
@@ -140,11 +120,11 @@ def check_restore(fn, raise_on_fail: bool = False) -> CheckResult:
     name = "restore"
     for i, (corrupted, clean, token) in enumerate(_restore_cases()):
         original = corrupted.clone()
-        out, fail = _call(name, fn, (corrupted, clean, token))
+        out, fail = call_answer(name, fn, corrupted, clean, token)
         if fail is not None:
-            return _report(fail, raise_on_fail)
+            return report(fail, raise_on_fail)
         if not isinstance(out, torch.Tensor) or out.shape != corrupted.shape:
-            return _report(
+            return report(
                 CheckResult(
                     False,
                     f"{name}: return a tensor shaped like `corrupted` {tuple(corrupted.shape)}.",
@@ -159,15 +139,15 @@ def check_restore(fn, raise_on_fail: bool = False) -> CheckResult:
                 except Exception:  # noqa: BLE001 - a hint that does not apply
                     continue
                 if wrong.shape == out.shape and torch.equal(out, wrong):
-                    return _report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
-            return _report(
+                    return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+            return report(
                 CheckResult(
                     False, f"{name}: case {i} (token={token}) differs from the expected states."
                 ),
                 raise_on_fail,
             )
         if not torch.equal(corrupted, original):
-            return _report(
+            return report(
                 CheckResult(
                     False,
                     f"{name}: the input was modified in place; clone it first "
@@ -175,4 +155,4 @@ def check_restore(fn, raise_on_fail: bool = False) -> CheckResult:
                 ),
                 raise_on_fail,
             )
-    return _report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
+    return report(CheckResult(True, f"{name}: correct on all 3 cases."), raise_on_fail)
