@@ -1,12 +1,14 @@
 """Chapter 2, part 2: the internal-modification methods that are not ROME/MEMIT.
 
-1. MEND's editor: trained (or loaded from ``$MEDIT_CACHE``) with the default budget; its
-   training time, size and loss curve;
+1. the trained editors of MEND, KE and ENN: trained (or loaded from ``$MEDIT_CACHE``)
+   with the default budget; training time, size and loss curves; for ENN also what
+   editable training costs the base model (perplexity on held-out WikiBio text);
 2. independent edits (edit, measure, restore) on the first ``--limit`` CounterFact and
    zsRE eval records, for the unedited model and each method in ``--methods`` (KN on the
    first ``--kn-limit`` only: its attribution runs 6 prompts x 30 layers per edit);
-3. a sequential stream of ``--stream`` zsRE edits with MEND (each on top of the last);
-4. the time of one MEND edit (forward/backward on the edit prompt + the editor).
+3. a sequential stream of ``--stream`` zsRE edits with each trained editor (each edit on
+   top of the last);
+4. the time of one edit of each (median of 20 zsRE edits).
 
 The JSON is rewritten after every part, so an interrupted run keeps what it finished.
 
@@ -23,8 +25,16 @@ import time
 from common import RESULTS, save, summary
 
 from medit_lite import edit, load_counterfact, load_model, load_zsre, shared_data
+from medit_lite.applications.bias import perplexity
 from medit_lite.evaluate import evaluate, format_table
-from medit_lite.methods.mend import MENDHParams, mend_editor
+from medit_lite.methods import enn, ke, mend
+
+#: the methods that train before they edit, and how to get their trained part
+TRAINED = {
+    "mend": lambda lm: mend.mend_editor(lm, mend.MENDHParams.for_model(lm)),
+    "ke": lambda lm: ke.ke_editor(lm, ke.KEHParams.for_model(lm)),
+    "enn": lambda lm: enn.enn_base(lm, enn.ENNHParams.for_model(lm)),
+}
 
 
 def _strip(result: dict) -> dict:
@@ -48,7 +58,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--kn-limit", type=int, default=20)
     parser.add_argument("--stream", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=["mend", "kn"])
+    parser.add_argument("--methods", nargs="+", default=["mend", "ke", "enn", "kn"])
+    parser.add_argument("--skip-eval", action="store_true", help="only train and time")
     args = parser.parse_args()
     lm = load_model()
     old = RESULTS / "internal.json"  # runs with other --methods keep each other's parts
@@ -56,8 +67,11 @@ def main() -> None:
     payload.pop("machine", None)
     payload.update({"limit": args.limit, "kn_limit": args.kn_limit})
     payload.setdefault("results", {})
-    if "mend" in args.methods:
-        train_part(lm, payload)
+    for method in args.methods:
+        if method in TRAINED:
+            train_part(lm, payload, method)
+    if args.skip_eval:
+        return
     datasets = {
         "counterfact": _data("counterfact_sample.json", load_counterfact, args.limit),
         "zsre": _data("zsre_eval_sample.json", load_zsre, args.limit),
@@ -76,44 +90,49 @@ def main() -> None:
             save("internal", payload)
         print(f"\n{dname} (first {args.limit}; kn: first {args.kn_limit})")
         print(format_table(rows))
-    if "mend" not in args.methods:
-        return
-    if args.stream:
-        stream = _data("zsre_eval_sample.json", load_zsre, args.stream)
-        res = evaluate(lm, stream, "mend", sequential=True, every=max(1, args.stream // 10))
-        payload["results"]["zsre/mend/sequential"] = _strip(res)
-        print(f"\nMEND, {args.stream} sequential zsRE edits")
-        print(format_table([res]))
+    for method in [m for m in args.methods if m in TRAINED]:
+        if args.stream:
+            stream = _data("zsre_eval_sample.json", load_zsre, args.stream)
+            res = evaluate(lm, stream, method, sequential=True, every=max(1, args.stream // 10))
+            payload["results"][f"zsre/{method}/sequential"] = _strip(res)
+            print(f"\n{method}, {args.stream} sequential zsRE edits")
+            print(format_table([res]))
+            save("internal", payload)
+        times = []
+        for r in datasets["zsre"][:20]:
+            with edit(lm, r, method) as result:
+                times.append(result.info[0]["edit_seconds"])
+        payload[f"{method}_edit_seconds"] = summary(times)
+        print(f"\none {method} edit: median {statistics.median(times):.3f} s (20 edits)")
         save("internal", payload)
-    times = []
-    for r in datasets["zsre"][:20]:
-        with edit(lm, r, "mend") as result:
-            times.append(result.info[0]["edit_seconds"])
-    payload["mend_edit_seconds"] = summary(times)
-    print(f"\none MEND edit: median {statistics.median(times):.3f} s (20 edits)")
-    save("internal", payload)
 
 
-def train_part(lm, payload: dict) -> None:
-    """MEND's editor (trained now, or loaded): training time, size, loss curve."""
-    hp = MENDHParams.for_model(lm)
+def train_part(lm, payload: dict, method: str) -> None:
+    """One method's trained part (trained now, or loaded): time, size, loss curves."""
     t0 = time.perf_counter()
-    editor, log = mend_editor(lm, hp)
-    n_params = sum(p.numel() for p in editor.parameters())
-    payload["mend_training"] = {
-        "hparams": hp.training_part(),
+    hp = {"mend": mend.MENDHParams, "ke": ke.KEHParams, "enn": enn.ENNHParams}[method]
+    trained, log = TRAINED[method](lm)
+    n_params = sum(p.numel() for p in trained.parameters())
+    part = {
+        "hparams": hp.for_model(lm).training_part(),
         "from_cache": log.from_cache,
         "train_seconds": log.seconds,
         "prep_seconds": (log.logs.get("prep_seconds") or [None])[0],
         "load_or_train_seconds_now": time.perf_counter() - t0,
         "steps": log.steps,
         "losses": log.losses,
-        "edit_nll": log.logs.get("edit_nll", []),
-        "loc_kl": log.logs.get("loc_kl", []),
         "editor_parameters": n_params,
         "editor_megabytes": n_params * 4 / 2**20,
     }
-    print(f"MEND editor: {n_params:,} parameters, trained {log.seconds:.0f} s")
+    part.update({k: v for k, v in log.logs.items() if k != "prep_seconds"})
+    if method == "enn":  # what editable training costs the model itself
+        before = perplexity(lm)
+        with enn.install(lm):
+            after = perplexity(lm)
+        part["perplexity"] = {"pretrained": before, "enn_base": after}
+        print(f"ENN base: held-out perplexity {before:.2f} -> {after:.2f}")
+    payload[f"{method}_training"] = part
+    print(f"{method}: {n_params:,} trained parameters, trained {log.seconds:.0f} s")
     save("internal", payload)
 
 

@@ -265,3 +265,27 @@ def scope_histograms(scores: Mapping[str, Sequence[float]], threshold: float = 0
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def training_curves(log: dict, panels, title: str = "training", smooth: int = 10):
+    """One panel per logged series of a training run: ``panels`` is a list of ``(key,
+    panel title)`` into ``log`` (a :class:`~medit_lite.training.TrainLog`'s ``losses`` and
+    ``logs``, flattened as in the benchmark JSON); raw values in grey, a ``smooth``-step
+    moving average in colour."""
+    import torch
+
+    def average(xs):
+        t = torch.tensor(xs, dtype=torch.float32)
+        if len(t) < smooth:
+            return t
+        return torch.nn.functional.avg_pool1d(t[None, None], smooth, 1)[0, 0]
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        ys = log.get(key) or []
+        ax.plot(ys, color="0.8", lw=0.8)
+        ax.plot(range(len(average(ys))), average(ys), color="C0")
+        ax.set(title=name, xlabel="step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -144,6 +144,8 @@ def train(
     grad_clip: float | None = None,
     weight_decay: float = 0.0,
     desc: str = "training",
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    after_step: Callable[[int, TrainLog], None] | None = None,
 ) -> TrainLog:
     """Minimise ``loss_fn(batch)`` over ``steps`` random mini-batches of ``data`` with Adam.
 
@@ -152,6 +154,11 @@ def train(
     epoch, from a generator seeded with ``seed`` (torch is seeded too), so a run is
     reproducible on the same machine. Returns the :class:`TrainLog`; parameters are
     trained in place.
+
+    ``optimizer``: a factory ``params -> Optimizer`` for methods whose paper uses another
+    optimiser than Adam (KE: centered RMSprop with a learning rate per group);
+    ``after_step(step, log)`` runs after each update (KE's projection of its Lagrange
+    multiplier and its margin schedule).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be at least 1")
@@ -164,7 +171,10 @@ def train(
         raise ValueError("nothing to train: no parameter requires grad")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = optimizer(params)
     log = TrainLog()
     order: list[int] = []
     start = time.perf_counter()
@@ -176,7 +186,7 @@ def train(
             order += fresh
         batch = [data[i] for i in order[:batch_size]]
         del order[:batch_size]
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         out = loss_fn(batch)
         loss, extra = out if isinstance(out, tuple) else (out, {})
         if not torch.isfinite(loss):
@@ -184,11 +194,13 @@ def train(
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        opt.step()
         log.losses.append(float(loss.detach()))
         for k, v in extra.items():
             log.logs.setdefault(k, []).append(float(v))
         log.steps += 1
+        if after_step is not None:
+            after_step(log.steps, log)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{log.losses[-1]:.3f}", refresh=False)
     log.seconds = time.perf_counter() - start

@@ -64,11 +64,19 @@ from ..editing import register
 from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
-from ..progress import progress
-from ..replay import final_hidden, layer_input, replay_layers
+from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
 from ..training import TrainLog, cache_key, load_or_train, register_trainer, train
 from ..training import training_requests as default_training_requests
+from .meta_edit import Example as _Example  # noqa: F401  (kept for older imports)
+from .meta_edit import examples as _examples
+from .meta_edit import lowrank_apply, module_gradient_pairs, stream_cache
+from .meta_edit import pad as _pad
+from .meta_edit import per_row as _per_row
+from .meta_edit import row_mean_nll as _row_mean_nll
+from .meta_edit import stack_hidden as _stack
+from .meta_edit import target_positions as _target_positions
+from .meta_edit import usable as _usable
 
 
 @dataclass(frozen=True)
@@ -178,32 +186,6 @@ class MENDEditor(nn.Module):
 
 
 # -- gradient pairs ---------------------------------------------------------------------
-def _pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    return ids, mask
-
-
-def _target_positions(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row, column (the position predicting each target token) and target id, flat."""
-    rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(pairs)])
-    cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in pairs])
-    ids = torch.cat([torch.tensor(t) for _, t in pairs])
-    return rows, cols, ids
-
-
-def _row_mean_nll(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, n: int):
-    """Per row, the mean NLL of its target tokens (``logits`` [N, V] at the flat positions)."""
-    nll = nn.functional.cross_entropy(logits.float(), ids.to(logits.device), reduction="none")
-    rows = rows.to(logits.device)
-    sums = torch.zeros(n, device=logits.device).index_add(0, rows, nll)
-    counts = torch.zeros(n, device=logits.device).index_add(0, rows, torch.ones_like(nll))
-    return sums / counts
-
-
 def gradient_pairs(
     lm: LM,
     layers: Sequence[int],
@@ -217,43 +199,10 @@ def gradient_pairs(
 
     ``hidden``: the residual stream entering ``min(layers)`` (then only the layers from
     there up run)."""
-    ids, mask = _pad([p + t for p, t in pairs], lm.tokenizer.pad_token_id)
-    rows, cols, targets = _target_positions(pairs)
-    dev = lm.device
-    leaves: dict[int, torch.Tensor] = {}
-
-    def add_leaf(layer):
-        def fn(out):
-            leaves[layer] = torch.zeros_like(out, requires_grad=True)
-            return out + leaves[layer]
-
-        return fn
-
-    with torch.enable_grad(), Hooks() as h:
-        inputs = {layer: h.capture_input(lm.module("mlp_out", layer)) for layer in layers}
-        for layer in layers:
-            h.edit_output(lm.module("mlp_out", layer), add_leaf(layer))
-        start = min(layers) if hidden is not None else 0
-        with replay_layers(lm, start, hidden):
-            normed = final_hidden(
-                lm,
-                detach=False,
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                use_cache=False,
-            )
-        logits = lm.module("unembed")(normed[rows.to(dev), cols.to(dev)])
-        loss = _row_mean_nll(logits, rows, targets, len(pairs)).sum()
-        grads = torch.autograd.grad(loss, [leaves[layer] for layer in layers])
-    # every position that can influence a target token: up to the last one predicting it
-    # (earlier positions reach later ones through attention in the layers above)
-    rows = torch.cat([torch.full((len(p) + len(t) - 1,), i) for i, (p, t) in enumerate(pairs)])
-    cols = torch.cat([torch.arange(len(p) + len(t) - 1) for p, t in pairs])
-    out = {}
-    for layer, g in zip(layers, grads):
-        u = inputs[layer].value[rows.to(dev), cols.to(dev)]
-        out[layer] = (rows, u.float(), g[rows.to(dev), cols.to(dev)].float())
-    return out
+    modules = [lm.module("mlp_out", layer) for layer in layers]
+    start = min(layers) if hidden is not None else 0
+    found = module_gradient_pairs(lm, modules, pairs, hidden=hidden, start=start)
+    return dict(zip(layers, found))
 
 
 def pseudo_pairs(editor: MENDEditor, layers: Sequence[int], grads: dict) -> dict:
@@ -273,69 +222,9 @@ def weight_deltas(editor: MENDEditor, layers: Sequence[int], pseudo: dict) -> di
 
 
 # -- training ---------------------------------------------------------------------------
-@dataclass
-class _Example:
-    edit: tuple[list[int], list[int]]
-    equiv: tuple[list[int], list[int]]
-    loc: list[int]
-    loc_answer: int  # index of the first position that predicts the probe's answer
-
-
-def _examples(lm: LM, data: Sequence[EditRequest]) -> list[_Example]:
-    out = []
-    for r in data:
-        if not r.paraphrases or not r.neighborhood:
-            continue
-        loc_p, loc_t = encode_pair(lm, r.neighborhood[0].prompt, r.neighborhood[0].answer)
-        out.append(
-            _Example(
-                encode_pair(lm, r.text, r.target_new),
-                encode_pair(lm, r.paraphrases[0], r.target_new),
-                loc_p + loc_t,
-                len(loc_p) - 1,
-            )
-        )
-    return out
-
-
-@torch.no_grad()
-def _stream_cache(lm: LM, seqs: list[list[int]], layer: int, batch_size: int = 32):
-    """The residual stream entering ``layer`` for each sequence ([n_i, d_model] each)."""
-    out: list[torch.Tensor] = []
-    for start in progress(range(0, len(seqs), batch_size), desc="MEND: layer inputs"):
-        chunk = seqs[start : start + batch_size]
-        ids, mask = _pad(chunk, lm.tokenizer.pad_token_id)
-        batch = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-        hidden = layer_input(lm, batch, layer)
-        out += [hidden[i, : len(s)].cpu() for i, s in enumerate(chunk)]
-    return out
-
-
-def _stack(hs: list[torch.Tensor], device) -> torch.Tensor:
-    width = max(h.shape[0] for h in hs)
-    out = torch.zeros(len(hs), width, hs[0].shape[1], dtype=hs[0].dtype)
-    for i, h in enumerate(hs):
-        out[i, : h.shape[0]] = h
-    return out.to(device)
-
-
 def _lowrank_edit(x: torch.Tensor, u: torch.Tensor, d: torch.Tensor, alpha: torch.Tensor):
-    """``−α Σ_t (ũ_t · x) δ̃_t`` for every row of ``x`` [R, S, d_in] with its own pairs
-    ``u`` [R, T, d_in], ``d`` [R, T, d_out] (zero rows pad): ``x`` through ``ΔW``."""
-    return -alpha * torch.einsum("rst,rto->rso", torch.einsum("rsi,rti->rst", x.float(), u), d)
-
-
-def _per_row(pseudo_layer, n_rows: int, device):
-    """Pad the flat (row, ũ, δ̃) of one layer to [n_rows, T, ·]."""
-    rows, u, d = pseudo_layer
-    counts = torch.bincount(rows, minlength=n_rows)
-    width = int(counts.max())
-    U = torch.zeros(n_rows, width, u.shape[1], device=device)
-    D = torch.zeros(n_rows, width, d.shape[1], device=device)
-    slot = torch.cat([torch.arange(int(c)) for c in counts])
-    rows, slot = rows.to(device), slot.to(device)
-    U[rows, slot], D[rows, slot] = u, d
-    return U, D
+    """``−α Σ_t (ũ_t · x) δ̃_t`` for every row of ``x`` (MEND's edit applied per row)."""
+    return lowrank_apply(x, u, d, -alpha)
 
 
 class _Trainer:
@@ -349,7 +238,7 @@ class _Trainer:
         seqs = [
             s for e in examples for s in (e.edit[0] + e.edit[1], e.equiv[0] + e.equiv[1], e.loc)
         ]
-        self.cache = _stream_cache(lm, seqs, self.first)
+        self.cache = stream_cache(lm, seqs, self.first, desc="MEND: layer inputs")
 
     def hidden(self, examples, which: int) -> torch.Tensor:
         """The cached layer inputs of one kind (0 edit, 1 equivalent, 2 unrelated)."""
@@ -439,10 +328,6 @@ def fit_editor(
     return log
 
 
-def _usable(data: Sequence[EditRequest]) -> list[EditRequest]:
-    return [r for r in data if r.paraphrases and r.neighborhood]
-
-
 _TRAINED: dict[tuple, tuple[MENDEditor, TrainLog]] = {}
 
 
@@ -516,26 +401,13 @@ def is_trained(lm: LM, hp: MENDHParams | None = None) -> bool:
 
 
 def plot_training(log: dict, title: str = "MEND editor training"):
-    """The loss curve of a training run (``losses``, ``edit_nll``, ``loc_kl`` lists, as in
-    a :class:`~medit_lite.training.TrainLog` or the benchmark JSON), smoothed over 10 steps."""
-    import matplotlib.pyplot as plt
+    """The loss curves of a training run (``losses``, ``edit_nll``, ``loc_kl`` lists, as in
+    a :class:`~medit_lite.training.TrainLog`'s logs or the benchmark JSON)."""
+    from ..plots import training_curves
 
-    def smooth(xs, k=10):
-        t = torch.tensor(xs, dtype=torch.float32)
-        if len(t) < k:
-            return t
-        return torch.nn.functional.avg_pool1d(t[None, None], k, 1)[0, 0]
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for ax, key, name in zip(
-        axes,
-        ("losses", "edit_nll", "loc_kl"),
-        ("total: c_edit·L_edit + c_loc·KL", "L_edit (rephrase NLL)", "KL on the unrelated probe"),
-    ):
-        ys = log.get(key) or []
-        ax.plot(ys, color="0.8", lw=0.8)
-        ax.plot(range(len(smooth(ys))), smooth(ys), color="C0")
-        ax.set(title=name, xlabel="step")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    panels = [
+        ("losses", "total: c_edit·L_edit + c_loc·KL"),
+        ("edit_nll", "L_edit (rephrase NLL)"),
+        ("loc_kl", "KL on the unrelated probe"),
+    ]
+    return training_curves(log, panels, title)
