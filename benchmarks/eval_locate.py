@@ -28,7 +28,7 @@ from medit_lite.methods.memit import execute_memit, memit_targets
 from medit_lite.methods.rome import context_templates
 from medit_lite.metrics import locality_reference, score_requests, summarize
 
-BASELINES = ("ft", "ft-l")
+BASELINES = ("ft", "ft-l", "ft-m")
 
 
 def _strip(result: dict) -> dict:

@@ -11,7 +11,7 @@ from medit_lite.metrics import locality_reference, score_requests, summarize
 from medit_lite.requests import EditRequest
 
 
-@pytest.mark.parametrize("method", ["ft", "ft-l"])
+@pytest.mark.parametrize("method", ["ft", "ft-l", "ft-m"])
 def test_edit_flips_a_builtin_fact_and_restores_exactly(lm, facts, method, unchanged):
     request = facts[0]
     reference = locality_reference(lm, [request])
@@ -41,6 +41,42 @@ def test_unconstrained_ft_moves_further_than_ft_l(lm, facts, unchanged):
     with edit(lm, facts[2], "ft-l", norm_constraint=1e-3) as ftl:
         ftl_norm = sum(ftl.delta_norms().values())
     assert ft_norm > ftl_norm > 0
+
+
+def test_ft_l_objective_reads_every_target_token_at_the_last_prompt_position(lm):
+    """ROME's FT+L loss (ft_main.py): log-softmax at the last prompt token, gathered for
+    every target id, averaged; FT-M's is the teacher-forced NLL. They differ for a
+    multi-token target and agree for a one-token one."""
+    from medit_lite.methods import ft as ft_module
+    from medit_lite.metrics import encode_pair
+
+    prompt, target = "The Eiffel Tower is located in", "Buenos Aires, Argentina"
+    p, t = encode_pair(lm, prompt, target)
+    assert len(t) > 1
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([p])).logits[0, -1].float()
+        by_hand = -torch.log_softmax(logits, -1)[torch.tensor(t)].mean()
+        ours = ft_module._prompt_last_nll(lm, [(p, t)])
+        forced = ft_module._mean_target_nll(lm, [(p, t)])
+        one = ft_module._prompt_last_nll(lm, [(p, t[:1])])
+        one_forced = ft_module._mean_target_nll(lm, [(p, t[:1])])
+    assert torch.allclose(ours, by_hand, atol=1e-4)
+    assert abs(float(ours) - float(forced)) > 0.5
+    assert torch.allclose(one, one_forced, atol=1e-4)
+
+
+def test_ft_variants_and_released_defaults(lm):
+    from medit_lite.methods.ft import PAPER_DEFAULTS, FTMHParams
+
+    assert FTLHParams.for_model(lm).objective == "prompt_last"
+    assert FTMHParams.for_model(lm).objective == "target_new"
+    assert FTHParams.for_model(lm).objective == "target_new"
+    assert FTMHParams.for_model(lm).norm_constraint == FTLHParams.for_model(lm).norm_constraint
+    # kmeng01/rome hparams/FT/gpt2-xl_constr.json: layer 0, 25 steps, lr = ε = 5e-4
+    xl = PAPER_DEFAULTS["gpt2-xl"]
+    assert (xl.layers, xl.steps, xl.lr, xl.norm_constraint) == ((0,), 25, 5e-4, 5e-4)
+    with pytest.raises(ValueError, match="objective"):
+        edit(lm, GOOD, "ft-l", objective="last")
 
 
 def test_sequential_edits_accumulate(lm, facts, unchanged):
