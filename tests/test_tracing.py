@@ -206,3 +206,21 @@ def test_cli_trace_draws_a_heatmap(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and png.stat().st_size > 1000
     assert "largest indirect effect" in out and "layer" in out
+
+
+def test_default_noise_is_three_sigma_of_the_known_subjects_embeddings(lm):
+    """The authors' rule: 3 × the std of the embedding-layer outputs of every subject of
+    the known facts, concatenated (``collect_embedding_std``), not of the whole matrix."""
+    from medit_lite.analysis import tracing
+
+    subjects, source = tracing.known_subjects()
+    outputs = []
+    with torch.no_grad():
+        for s in subjects:
+            ids = lm.tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            outputs.append(lm.module("embed")(ids)[0].float())
+    by_hand = 3 * float(torch.cat(outputs).std())
+    assert abs(tracing.default_noise(lm) - by_hand) < 1e-4 * by_hand
+    assert abs(tracing.default_noise(lm) - 3 * tracing.embedding_std(lm)) > 0.01
+    if source == "known_1000.json":
+        assert len(subjects) >= 1000

@@ -97,18 +97,46 @@ class TraceResult:
 def embedding_std(lm: LM, subjects: Sequence[str] | None = None) -> float:
     """Standard deviation σ of token embeddings.
 
-    With ``subjects``, over the embeddings of their tokens (the paper measures σ over the
-    subjects of its known facts); otherwise over the whole embedding matrix.
+    With ``subjects``: over the embeddings of every token of every subject, repeated tokens
+    counted each time (the authors' ``collect_embedding_std``, which concatenates the
+    embedding-layer outputs of the subjects); otherwise over the whole embedding matrix.
     """
     weight = lm.module("embed").weight.detach()
     if not subjects:
         return float(weight.float().std())
-    ids = sorted(
-        {i for s in subjects for i in lm.tokenizer(s, add_special_tokens=False)["input_ids"]}
-    )
+    ids = [i for s in subjects for i in lm.tokenizer(s, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise ValueError("the subjects have no tokens")
     return float(weight[torch.tensor(ids, device=weight.device)].float().std())
+
+
+_NOISE: dict[tuple, float] = {}
+
+
+def known_subjects() -> tuple[list[str], str]:
+    """The subjects the paper measures its noise over (``known_1000.json``, the facts
+    GPT-2 XL knows), or the built-in facts' subjects where ../shared/data is absent; and
+    which of the two."""
+    from ..requests import builtin_requests, shared_data
+
+    path = shared_data("known_1000.json")
+    if path is not None:
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            return [r["subject"] for r in json.load(f)], "known_1000.json"
+    return [r.subject for r in builtin_requests()], "the built-in facts"
+
+
+def default_noise(lm: LM, factor: float = 3.0) -> float:
+    """The paper's noise level: ``factor`` (3) × σ of the subject-token embeddings of the
+    known facts (ROME's ``noise_level = 3 * collect_embedding_std(mt, knowns)``),
+    computed once per model and kept."""
+    key = (id(lm.model), factor)
+    if key not in _NOISE:
+        subjects, _ = known_subjects()
+        _NOISE[key] = factor * embedding_std(lm, subjects)
+    return _NOISE[key]
 
 
 def resolve_positions(
@@ -197,8 +225,9 @@ def trace(
 
     ``prompt`` is the full prompt (containing ``subject``) or a template with ``{}``.
     ``answer`` defaults to the clean model's top next token; else the first token of
-    ``answer`` is measured. ``noise`` is the noise standard deviation ν; by default
-    ``noise_factor`` × :func:`embedding_std` of the whole embedding matrix. ``positions``
+    ``answer`` is measured. ``noise`` is the noise standard deviation ν; by default the
+    paper's, ``noise_factor`` × σ of the known facts' subject-token embeddings
+    (:func:`default_noise`). ``positions``
     and ``layers`` restrict the grid (e.g. ``positions=["subject_last", "last"]``).
     ``prefix_cache=False`` runs every row over the whole prompt (same scores up to
     rounding, slower). ``contrast=(a, b)`` measures P(a) − P(b) instead of P(answer)
@@ -218,7 +247,7 @@ def trace(
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
     if noise is None:
-        noise = noise_factor * embedding_std(lm)
+        noise = default_noise(lm, noise_factor)
 
     # clean run: keep every state a restoration may need
     needed = {(k, j) for k in kinds for l in layer_list for j in _restored(k, l, window, n_layers)}
