@@ -116,3 +116,93 @@ def comparison(
     order = sorted(best, key=lambda m: (m != "none", m))
     cols = ["label", "method", "n", *keys, "seconds_per_edit", "file"]
     return [{c: best[m].get(c) for c in cols} for m in order]
+
+
+def comparison_frame(rows: Sequence[dict], data: str, keys: Sequence[str], *, sequential=False):
+    """:func:`comparison` as a styled pandas table for a page: one line per method with its
+    metrics, the unedited model's last metric on the same number of records, seconds per
+    edit and the results file it came from."""
+    import pandas as pd
+
+    found = comparison(rows, data, keys, sequential=sequential)
+    unedited = {r["n"]: r for r in rows if r["data"] == data and r["method"] == "none"}
+    out = []
+    for r in found:
+        base = unedited.get(r["n"], {})
+        line = {"method": r["label"], "records": r["n"]}
+        line |= {k: r.get(k) for k in keys}
+        if not sequential:
+            line |= {f"unedited {k}": base.get(k) for k in keys[-1:]}
+        line |= {"s / edit": r["seconds_per_edit"], "results file": r["file"]}
+        out.append(line)
+    frame = pd.DataFrame(out)
+    return frame.style.hide(axis="index").format(precision=3, na_rep="–")
+
+
+def lifelong_runs(data: str | None = None, names: Sequence[str] | None = None) -> dict:
+    """Every lifelong curve in the result files (a dict with ``method`` and a ``curve`` of
+    checkpoints with ``n_edits`` and ``SR``), as ``{"method (file)": curve}``; ``data``
+    keeps the curves of one dataset (``counterfact`` or ``zsre``)."""
+    root = results_dir()
+    files = (
+        [root / f"{n}.json" for n in names] if names is not None else sorted(root.glob("*.json"))
+    )
+    runs: dict[str, list] = {}
+
+    def walk(node, label_data):
+        if isinstance(node, dict):
+            for key in ("data", "dataset"):
+                label_data = _data_label(node.get(key)) or label_data
+            curve = node.get("curve")
+            if "method" in node and isinstance(curve, list) and curve and "SR" in curve[0]:
+                if data is None or label_data == data:
+                    runs[f"{node['method']} ({path.stem})"] = curve
+                return
+            for key, value in node.items():
+                walk(value, _data_label(key) or label_data)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, label_data)
+
+    for path in files:
+        if path.is_file():
+            walk(json.loads(path.read_text(encoding="utf-8")), None)
+    return runs
+
+
+#: Numbers the papers and EasyEdit report, for the pages to show *beside* ours, marked as
+#: theirs (other models, other data, other protocols). Each entry: the source to cite, the
+#: model, the dataset, the metric names and the rows (in %).
+PUBLISHED = {
+    "meng2022rome": {
+        "source": "Meng et al. (2022), Table 4",
+        "model": "GPT-2 XL",
+        "data": "counterfact",
+        "keys": ["ES", "PS", "NS"],
+        "rows": {
+            "none": {"ES": 22.2, "PS": 24.7, "NS": 78.1},
+            "ft": {"ES": 100.0, "PS": 87.9, "NS": 40.4},
+            "ft-l": {"ES": 99.1, "PS": 48.7, "NS": 70.3},
+            "rome": {"ES": 100.0, "PS": 96.4, "NS": 75.4},
+        },
+    },
+    "wang2023easyedit": {
+        "source": "EasyEdit (Wang et al., 2023), zsRE tables",
+        "model": "LLaMA-2-7B (MEND); GPT-J (KE)",
+        "data": "zsre",
+        "keys": ["reliability", "generalization", "locality"],
+        "rows": {
+            "mend": {"reliability": 94.2, "generalization": 90.3, "locality": 97.0},
+            "ke": {"reliability": 6.6, "generalization": 7.8, "locality": 94.2},
+        },
+    },
+}
+
+
+def published_frame(key: str):
+    """One :data:`PUBLISHED` table as a pandas table (their numbers, in %)."""
+    import pandas as pd
+
+    entry = PUBLISHED[key]
+    rows = [{"method": m, **vals} for m, vals in entry["rows"].items()]
+    return pd.DataFrame(rows).style.hide(axis="index").format(precision=1, na_rep="–")
