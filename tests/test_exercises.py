@@ -1,12 +1,21 @@
+import functools
+
 import pytest
 
 from medit_lite.exercises.ch01 import check_efficacy_score, check_neighborhood_score
 from medit_lite.metrics import efficacy_score, neighborhood_score
 
 
-def test_checkers_accept_the_reference():
-    assert check_efficacy_score(efficacy_score)
-    assert check_neighborhood_score(neighborhood_score)
+def test_checkers_accept_a_correct_answer_and_refuse_the_packages_own():
+    assert check_efficacy_score(lambda n, t: efficacy_score(n, t))
+    assert check_neighborhood_score(lambda a, n: neighborhood_score(a, n))
+    for check, ref in (
+        (check_efficacy_score, efficacy_score),
+        (check_neighborhood_score, neighborhood_score),
+    ):
+        refused = check(ref)
+        assert not refused and "package's own function" in refused.message
+        assert not check(functools.partial(ref))
 
 
 @pytest.mark.parametrize(

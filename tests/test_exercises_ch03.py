@@ -5,9 +5,11 @@ from medit_lite.exercises.ch03 import check_activation_loss, check_memory_loss
 from medit_lite.methods.tpatcher import activation_loss, memory_loss, top_k_exp_mean
 
 
-def test_checkers_accept_the_reference():
-    assert check_activation_loss(activation_loss)
-    assert check_memory_loss(memory_loss)
+def test_checkers_accept_a_correct_answer_and_refuse_the_packages_own():
+    assert check_activation_loss(lambda a, m: activation_loss(a, m))
+    assert check_memory_loss(lambda *args: memory_loss(*args))
+    assert "package's own" in check_activation_loss(activation_loss).message
+    assert "package's own" in check_memory_loss(memory_loss).message
 
 
 @pytest.mark.parametrize(

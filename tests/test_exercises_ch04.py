@@ -5,9 +5,11 @@ from medit_lite.exercises.ch04 import check_rank_one_update, check_restore, refe
 from medit_lite.methods.rome import rank_one_update
 
 
-def test_checkers_accept_the_references():
+def test_checkers_accept_a_correct_answer_and_refuse_the_packages_own():
     assert check_rank_one_update(lambda W, C, k, v: rank_one_update(W, C, k, v))
-    assert check_restore(reference_restore)
+    assert check_restore(lambda c, k, t: reference_restore(c, k, t))
+    assert "package's own" in check_rank_one_update(rank_one_update).message
+    assert "package's own" in check_restore(reference_restore).message
 
 
 def _solve(C, k):

@@ -104,7 +104,13 @@ def check_memory_loss(fn, raise_on_fail: bool = False) -> CheckResult:
         ),
     ]
     return run_check(
-        "memory_loss", fn, _reference_memory_loss, _MEMORY_CASES, mistakes, raise_on_fail
+        "memory_loss",
+        fn,
+        _reference_memory_loss,
+        _MEMORY_CASES,
+        mistakes,
+        raise_on_fail,
+        refuse=(memory_loss,),
     )
 
 

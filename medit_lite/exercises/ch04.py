@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..methods.rome import rank_one_update
-from .check import CheckResult, call_answer, report
+from .check import CheckResult, call_answer, refusal, report
 
 
 # -- exercise 1: the rank-one update ---------------------------------------------------------
@@ -56,6 +56,9 @@ def check_rank_one_update(fn, raise_on_fail: bool = False) -> CheckResult:
     """Check ``fn(W, C, k, v) -> ΔW``: the change of W (d_out × d_in) with the least effect
     on keys distributed with second moment C such that (W + ΔW) k = v."""
     name = "rank_one_update"
+    refused = refusal(name, fn, (rank_one_update,))
+    if refused is not None:
+        return report(refused, raise_on_fail)
     for i, (W, C, k, v) in enumerate(_rank_one_cases()):
         out, fail = call_answer(name, fn, W.clone(), C.clone(), k.clone(), v.clone())
         if fail is not None:
@@ -118,6 +121,9 @@ def check_restore(fn, raise_on_fail: bool = False) -> CheckResult:
     """Check ``fn(corrupted, clean, token) -> patched``, the restoration at one token used
     as a forward hook in causal tracing."""
     name = "restore"
+    refused = refusal(name, fn, (reference_restore,))
+    if refused is not None:
+        return report(refused, raise_on_fail)
     for i, (corrupted, clean, token) in enumerate(_restore_cases()):
         original = corrupted.clone()
         out, fail = call_answer(name, fn, corrupted, clean, token)

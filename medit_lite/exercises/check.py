@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,30 @@ def _close(a, b, tol: float = 1e-6) -> bool:
         return False
 
 
+def is_reference(fn: Callable, references: Sequence[Callable]) -> bool:
+    """Whether ``fn`` is one of ``references`` (the package's own answer) under another
+    name: the same object, a ``functools.partial`` or ``functools.wraps`` wrapper of it, or
+    a function with the same code object."""
+    for ref in references:
+        if fn is ref or getattr(fn, "__wrapped__", None) is ref:
+            return True
+        if isinstance(fn, functools.partial) and fn.func is ref:
+            return True
+        code = getattr(fn, "__code__", None)
+        if code is not None and code is getattr(ref, "__code__", None):
+            return True
+    return False
+
+
+def refusal(name: str, fn: Callable, references: Sequence[Callable]) -> CheckResult | None:
+    """A failed check when ``fn`` is the package's own function, else None."""
+    if is_reference(fn, references):
+        return CheckResult(
+            False, f"{name}: that is the package's own function; write yours in the stub."
+        )
+    return None
+
+
 def run_check(
     name: str,
     fn: Callable,
@@ -35,13 +60,17 @@ def run_check(
     cases: Sequence[tuple],
     mistakes: Sequence[tuple[Callable, str]] = (),
     raise_on_fail: bool = False,
+    refuse: Sequence[Callable] = (),
 ) -> CheckResult:
     """Compare ``fn`` with ``reference`` on ``cases``; explain the first difference.
 
     ``mistakes`` pairs a typical wrong implementation with the hint to give when the
-    student's answers match it on every case.
+    student's answers match it on every case. The reference itself, and the package's
+    functions in ``refuse``, are refused: handing in the package's answer teaches nothing.
     """
-    result = _compare(name, fn, reference, cases, mistakes)
+    result = refusal(name, fn, (reference, *refuse))
+    if result is None:  # (a failed CheckResult is falsy: test for None)
+        result = _compare(name, fn, reference, cases, mistakes)
     print(repr(result))
     if raise_on_fail and not result:
         raise AssertionError(result.message)
