@@ -107,6 +107,34 @@ def test_original_key_form_inserts_at_the_plain_key():
     assert not torch.allclose((W + delta) @ k_star, v, atol=1e-3)
 
 
+def test_three_key_forms_write_what_their_code_writes(lm):
+    """k-star: W k* + δ at k*; r-ROME (Gupta et al.'s code): m + δ at k*, m = W k_p, so the
+    inserted residual is δ + W (k_p − k*); original (Meng et al.'s code): m + δ at k_p."""
+    from types import SimpleNamespace
+
+    from medit_lite.methods.rome import insertion, rome_delta
+
+    layer = 4
+    g = torch.Generator().manual_seed(3)
+    W = lm.weight_out_in("mlp_out", layer).detach().double()
+    k_star, k_p = (torch.randn(lm.d_mlp, generator=g, dtype=torch.float64) for _ in range(2))
+    delta = torch.randn(lm.d_model, generator=g, dtype=torch.float64)
+    vectors = {"k_star": k_star, "k_plain": k_p, "value": SimpleNamespace(delta=delta)}
+    C = torch.eye(lm.d_mlp, dtype=torch.float64)
+    for form, key, residual in (
+        ("k-star", k_star, delta),
+        ("r-rome", k_star, delta + W @ (k_p - k_star)),
+        ("original", k_p, delta),
+    ):
+        k_ins, v = insertion(lm, layer, vectors, form)
+        assert torch.equal(k_ins, key)
+        dW = rome_delta(lm, layer, vectors, C, form)
+        assert torch.allclose(dW @ key, residual, atol=1e-8 * float(residual.norm()))
+        assert torch.allclose((W + dW) @ key, v, atol=1e-6)
+    with pytest.raises(ValueError, match="key_form"):
+        insertion(lm, layer, vectors, "sideways")
+
+
 def test_memit_update_solves_its_normal_equations():
     g = torch.Generator().manual_seed(2)
     d_out, d_in, n = 5, 8, 3
@@ -149,7 +177,7 @@ def test_rome_changes_one_matrix_by_rank_one_and_restores_exactly(lm, rome_edit,
     layer = result.hparams.layers[0]
     assert result.changed == [lm.module_name("mlp_out", layer) + ".weight"]
     info = result.info[0]
-    assert info["layer"] == layer and info["key_form"] == "r-rome" and info["steps"] >= 1
+    assert info["layer"] == layer and info["key_form"] == "k-star" and info["steps"] >= 1
     assert info["losses"][-1]["p_target"] > info["losses"][0]["p_target"]
     assert weights_fingerprint(lm) == fingerprint
 

@@ -33,13 +33,21 @@ MEMIT, LSDM and DAMA); this module composes them (:func:`execute_rome`):
    cache (attention is causal, so they never see δ), and only δ requires a gradient.
 3. **update** (Eq. 2, :func:`rank_one_update`): ΔW = Λ (C⁻¹ k*)ᵀ.
 
-**The r-ROME fix.** The reference implementation builds the direction C⁻¹k* from the
-averaged key, but solves for Λ with the key of the plain prompt k_p:
-Λ = (v* − W k_p) / ((C⁻¹k*)ᵀ k_p). When k_p and C⁻¹k* are nearly orthogonal the
-denominator is tiny and the update explodes ("disabling edits" that collapse the model,
-Gupta et al., 2024). ``key_form="r-rome"`` (default) uses k* in both places, as Eq. 2
-says; ``key_form="original"`` reproduces the reference behaviour. In both forms the
-residual v* − W k inserted is the optimised δ.
+**Three forms of the update** (``key_form``). Every form takes its direction from the
+averaged key, C⁻¹k*; they differ in the key the new value is written at and in the value:
+
+* ``"original"``, the reference code of Meng et al. (kmeng01/rome ``compute_v``): written
+  at the plain prompt's key k_p, value m + δ with m = W k_p, so
+  Λ = δ / ((C⁻¹k*)ᵀ k_p). When k_p and C⁻¹k* are nearly orthogonal the denominator is
+  tiny and the update explodes ("disabling edits" that collapse the model; Gupta et al.,
+  2024);
+* ``"r-rome"``, r-ROME as Gupta et al.'s code runs it (``enable_random_prefix_keys``):
+  written at k* (the average over prefixes, both in the direction and in the
+  denominator), with the value still m + δ, m the plain prompt's output, so the residual
+  inserted is v* − W k* = δ + W (k_p − k*);
+* ``"k-star"`` (this project's form, the default): written at k* with the value W k* + δ,
+  so the residual inserted is exactly the optimised δ, at the key the update is built
+  from. Chapter 4 measures the three on the same records.
 
 ``mom2_adjustment=False`` replaces C by the identity (a plain rank-one projection).
 
@@ -92,6 +100,7 @@ __all__ = [
     "context_templates",
     "default_layer",
     "execute_rome",
+    "insertion",
     "lookup_states",
     "optimise_delta",
     "rank_one_update",
@@ -100,7 +109,7 @@ __all__ = [
     "rome_vectors",
 ]
 
-KEY_FORMS = ("r-rome", "original")
+KEY_FORMS = ("k-star", "r-rome", "original")
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class ROMEHParams(LocateHParams):
     """Hyperparameters of ROME: one layer, and how the key enters the update."""
 
     layers: tuple[int, ...] = (4,)
-    key_form: str = "r-rome"
+    key_form: str = "k-star"
 
     @classmethod
     def for_model(cls, lm: LM) -> ROMEHParams:
@@ -191,16 +200,26 @@ def rome_delta(
     layer: int,
     vectors: dict,
     C: torch.Tensor | None,
-    key_form: str = "r-rome",
+    key_form: str = "k-star",
 ) -> torch.Tensor:
-    """ΔW (d_model × d_mlp) from :func:`rome_vectors`' output and the statistics C."""
+    """ΔW (d_model × d_mlp) from :func:`rome_vectors`' output and the statistics C, in one
+    of the three forms of the module docstring."""
+    k_insert, v = insertion(lm, layer, vectors, key_form)
+    W = lm.weight_out_in("mlp_out", layer).detach()
+    return rank_one_update(W, C, vectors["k_star"], v, k_insert)
+
+
+def insertion(lm: LM, layer: int, vectors: dict, key_form: str):
+    """The key the new value is written at and the value, ``(k, v)``, for ``key_form``."""
     if key_form not in KEY_FORMS:
         raise ValueError(f"key_form must be one of {KEY_FORMS}")
-    W = lm.weight_out_in("mlp_out", layer).detach()
-    k_star, k_plain, delta = vectors["k_star"], vectors["k_plain"], vectors["value"].delta
-    k_insert = k_star if key_form == "r-rome" else k_plain
-    v = W.double() @ k_insert.double() + delta.double()  # the residual inserted is δ
-    return rank_one_update(W, C, k_star, v, k_insert)
+    W = lm.weight_out_in("mlp_out", layer).detach().double()
+    k_star, k_plain = vectors["k_star"].double(), vectors["k_plain"].double()
+    delta = vectors["value"].delta.double()
+    if key_form == "k-star":
+        return k_star, W @ k_star + delta
+    plain_value = W @ k_plain + delta  # m + δ, m the plain prompt's output
+    return (k_star if key_form == "r-rome" else k_plain), plain_value
 
 
 def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
@@ -216,7 +235,7 @@ def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
         W += upd.to(W.dtype)
     value = vectors["value"]
     k_star = vectors["k_star"].double()
-    k_insert = k_star if hp.key_form == "r-rome" else vectors["k_plain"].double()
+    k_insert, _ = insertion(lm, layer, vectors, hp.key_form)
     u = k_star if C is None else torch.linalg.solve(C.double(), k_star)
     return {
         "layer": layer,
@@ -235,7 +254,8 @@ def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
 
 @register("rome", ROMEHParams, _weights)
 def apply_rome(lm: LM, requests: list[EditRequest], hp: ROMEHParams) -> dict:
-    """ROME: rank-one update of one MLP output matrix (Meng et al., 2022), r-ROME keys."""
+    """ROME: rank-one update of one MLP output matrix (Meng et al., 2022); ``key_form``
+    chooses the reference code's, r-ROME's or this project's insertion (default)."""
     infos = [execute_rome(lm, r, hp) for r in requests]
     return infos[0] if len(infos) == 1 else {"edits": infos}
 
