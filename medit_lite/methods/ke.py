@@ -39,8 +39,9 @@ unrelated probe, for a few hundred steps at a constant learning rate, the KL at 
 probe's answer tokens (like MEND's ``loc_positions="answer"``). With so few steps the
 learning rate is 1e-3 instead of the authors' 3e-4: on the same 120 training records,
 200 steps at 3e-4 left the Eiffel Tower → Rome edit at P(Rome) 0.005 (from 0.006) while
-120 steps at 1e-3 raised it to 0.31 (the update is ``α̂ ⊙ ∇W`` with ``α̂``'s rows a softmax, so its scale
-must be learned through the conditioner's output, which takes many steps).
+120 steps at 1e-3 raised it to 0.31 (the update is ``α̂ ⊙ ∇W`` with ``α̂``'s rows a
+softmax, so its scale must be learned through the conditioner's output, which takes many
+steps).
 """
 
 from __future__ import annotations
