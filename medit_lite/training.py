@@ -256,3 +256,50 @@ def load_or_train(
     log.path = str(path)
     meta.write_text(json.dumps(log.to_dict()))
     return log
+
+
+class TrainedParts:
+    """The trained part of a method (an editor, a hypernetwork, a trained base) for each
+    model and hyperparameters: kept in memory, in the safetensors cache under
+    ``$MEDIT_CACHE``, or trained now with :func:`load_or_train`.
+
+    ``new(lm, hp)`` builds an untrained part, ``fit(lm, part, data, hp)`` trains it and
+    returns the :class:`TrainLog`, ``data_for(hp)`` gives the default training records,
+    ``select(data)`` keeps the usable ones (they enter the cache key). ``hp`` needs
+    ``for_model`` (on ``hparams``) and ``training_part()``."""
+
+    def __init__(self, method: str, hparams: type, new, fit, data_for, select=list):
+        self.method, self.hparams = method, hparams
+        self.new, self.fit, self.data_for, self.select = new, fit, data_for, select
+        self.memo: dict[tuple, tuple[nn.Module, TrainLog]] = {}
+
+    def _memo_key(self, lm: LM, hp) -> tuple:
+        return (id(lm.model), str(lm.device), tuple(sorted(hp.training_part().items())))
+
+    def _key(self, lm: LM, data, hp) -> str:
+        return cache_key(lm, data, hp.training_part())
+
+    def get(self, lm: LM, hp=None, *, data=None, retrain: bool = False):
+        """``(part, log)``: from memory, from the cache, or trained now (then cached)."""
+        hp = hp or self.hparams.for_model(lm)
+        memo = self._memo_key(lm, hp)
+        if data is None and memo in self.memo and not retrain:
+            return self.memo[memo]
+        data = self.select(data if data is not None else self.data_for(hp))
+        part = self.new(lm, hp)
+        key = self._key(lm, data, hp)
+        log = load_or_train(
+            part, self.method, key, lambda: self.fit(lm, part, data, hp), retrain=retrain
+        )
+        part.requires_grad_(False)
+        part.eval()
+        self.memo[memo] = (part, log)
+        return part, log
+
+    def is_trained(self, lm: LM, hp=None) -> bool:
+        """Whether :meth:`get` will load rather than train."""
+        hp = hp or self.hparams.for_model(lm)
+        if self._memo_key(lm, hp) in self.memo:
+            return True
+        data = self.select(self.data_for(hp))
+        return trained_path(self.method, self._key(lm, data, hp)).exists()

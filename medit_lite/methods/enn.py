@@ -52,7 +52,7 @@ from ..metrics import encode_pair
 from ..models import LM
 from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
-from ..training import TrainLog, cache_key, load_or_train, register_trainer, train
+from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
 from .meta_edit import (
     Example,
@@ -283,13 +283,17 @@ def fit_base(lm: LM, base: ENNBase, data: Sequence[EditRequest], hp: ENNHParams)
     return log
 
 
-_TRAINED: dict[tuple, tuple[ENNBase, TrainLog]] = {}
 #: Models whose ENN base is installed (id of the HF model -> the base).
 _INSTALLED: dict[int, ENNBase] = {}
-
-
-def _memo(lm: LM, hp: ENNHParams) -> tuple:
-    return (id(lm.model), str(lm.device), tuple(sorted(hp.training_part().items())))
+#: ENN's editably-trained bases, per model and hyperparameters.
+BASES = TrainedParts(
+    "enn",
+    ENNHParams,
+    new=lambda lm, hp: new_base(lm, hp),
+    fit=lambda lm, base, data, hp: fit_base(lm, base, data, hp),
+    data_for=lambda hp: default_training_requests(limit=hp.train_records),
+    select=usable,
+)
 
 
 def enn_base(
@@ -302,18 +306,9 @@ def enn_base(
     """The editably-trained weights for ``lm`` and ``hp`` (cached on disk and in memory).
     Must be called on the pretrained model (it is, the first time, by every ENN edit)."""
     hp = hp or ENNHParams.for_model(lm)
-    memo = _memo(lm, hp)
-    if data is None and memo in _TRAINED and not retrain:
-        return _TRAINED[memo]
-    if id(lm.model) in _INSTALLED:
-        raise RuntimeError("ENN's base is installed in this model: restore it before retraining")
-    data = usable(data if data is not None else default_training_requests(limit=hp.train_records))
-    base = new_base(lm, hp)
-    key = cache_key(lm, data, hp.training_part())
-    log = load_or_train(base, "enn", key, lambda: fit_base(lm, base, data, hp), retrain=retrain)
-    base.requires_grad_(False)
-    _TRAINED[memo] = (base, log)
-    return base, log
+    if id(lm.model) in _INSTALLED and (data is not None or retrain or not is_trained(lm, hp)):
+        raise RuntimeError("ENN's base is installed in this model: restore it before training")
+    return BASES.get(lm, hp, data=data, retrain=retrain)
 
 
 @register_trainer("enn")
@@ -324,13 +319,7 @@ def train_enn(lm: LM, hp=None, *, data=None, retrain: bool = False) -> TrainLog:
 
 def is_trained(lm: LM, hp: ENNHParams | None = None) -> bool:
     """Whether :func:`enn_base` will load rather than train."""
-    from ..training import trained_path
-
-    hp = hp or ENNHParams.for_model(lm)
-    if _memo(lm, hp) in _TRAINED:
-        return True
-    data = usable(default_training_requests(limit=hp.train_records))
-    return trained_path("enn", cache_key(lm, data, hp.training_part())).exists()
+    return BASES.is_trained(lm, hp)
 
 
 # -- installing the base -------------------------------------------------------------------

@@ -61,7 +61,7 @@ from ..models import LM
 from ..progress import progress
 from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
-from ..training import TrainLog, cache_key, load_or_train, register_trainer, train
+from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
 from .meta_edit import (
     Example,
@@ -341,11 +341,15 @@ def fit_editor(lm: LM, editor: KEEditor, data: Sequence[EditRequest], hp: KEHPar
     return log
 
 
-_TRAINED: dict[tuple, tuple[KEEditor, TrainLog]] = {}
-
-
-def _memo(lm: LM, hp: KEHParams) -> tuple:
-    return (id(lm.model), str(lm.device), tuple(sorted(hp.training_part().items())))
+#: KE's trained hypernetworks, per model and hyperparameters.
+EDITORS = TrainedParts(
+    "ke",
+    KEHParams,
+    new=lambda lm, hp: new_editor(lm, hp),
+    fit=lambda lm, editor, data, hp: fit_editor(lm, editor, data, hp),
+    data_for=lambda hp: default_training_requests(limit=hp.train_records),
+    select=usable,
+)
 
 
 def ke_editor(
@@ -356,20 +360,7 @@ def ke_editor(
     retrain: bool = False,
 ) -> tuple[KEEditor, TrainLog]:
     """The trained hypernetwork for ``lm`` and ``hp`` (cached on disk and in memory)."""
-    hp = hp or KEHParams.for_model(lm)
-    memo = _memo(lm, hp)
-    if data is None and memo in _TRAINED and not retrain:
-        return _TRAINED[memo]
-    data = usable(data if data is not None else default_training_requests(limit=hp.train_records))
-    editor = new_editor(lm, hp)
-    key = cache_key(lm, data, hp.training_part())
-    log = load_or_train(
-        editor, "ke", key, lambda: fit_editor(lm, editor, data, hp), retrain=retrain
-    )
-    editor.requires_grad_(False)
-    editor.eval()
-    _TRAINED[memo] = (editor, log)
-    return editor, log
+    return EDITORS.get(lm, hp, data=data, retrain=retrain)
 
 
 @register_trainer("ke")
@@ -380,13 +371,7 @@ def train_ke(lm: LM, hp=None, *, data=None, retrain: bool = False) -> TrainLog:
 
 def is_trained(lm: LM, hp: KEHParams | None = None) -> bool:
     """Whether :func:`ke_editor` will load rather than train."""
-    from ..training import trained_path
-
-    hp = hp or KEHParams.for_model(lm)
-    if _memo(lm, hp) in _TRAINED:
-        return True
-    data = usable(default_training_requests(limit=hp.train_records))
-    return trained_path("ke", cache_key(lm, data, hp.training_part())).exists()
+    return EDITORS.is_trained(lm, hp)
 
 
 # -- the edit -----------------------------------------------------------------------------

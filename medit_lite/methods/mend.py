@@ -66,7 +66,7 @@ from ..metrics import encode_pair
 from ..models import LM
 from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
-from ..training import TrainLog, cache_key, load_or_train, register_trainer, train
+from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
 from .meta_edit import Example as _Example  # noqa: F401  (kept for older imports)
 from .meta_edit import examples as _examples
@@ -328,7 +328,15 @@ def fit_editor(
     return log
 
 
-_TRAINED: dict[tuple, tuple[MENDEditor, TrainLog]] = {}
+#: MEND's trained editors, per model and hyperparameters (memory, disk cache, or trained).
+EDITORS = TrainedParts(
+    "mend",
+    MENDHParams,
+    new=lambda lm, hp: new_editor(lm, hp),
+    fit=lambda lm, editor, data, hp: fit_editor(lm, editor, data, hp),
+    data_for=lambda hp: default_training_requests(limit=hp.train_records),
+    select=_usable,
+)
 
 
 def mend_editor(
@@ -339,20 +347,7 @@ def mend_editor(
     retrain: bool = False,
 ) -> tuple[MENDEditor, TrainLog]:
     """The trained editor for ``lm`` and ``hp`` (cached on disk and in memory)."""
-    hp = hp or MENDHParams.for_model(lm)
-    memo = (id(lm.model), str(lm.device), tuple(sorted(hp.training_part().items())))
-    if data is None and memo in _TRAINED and not retrain:
-        return _TRAINED[memo]
-    data = _usable(data if data is not None else default_training_requests(limit=hp.train_records))
-    editor = new_editor(lm, hp)
-    key = cache_key(lm, data, hp.training_part())
-    log = load_or_train(
-        editor, "mend", key, lambda: fit_editor(lm, editor, data, hp), retrain=retrain
-    )
-    editor.requires_grad_(False)
-    editor.eval()
-    _TRAINED[memo] = (editor, log)
-    return editor, log
+    return EDITORS.get(lm, hp, data=data, retrain=retrain)
 
 
 @register_trainer("mend")
@@ -390,14 +385,7 @@ def apply_mend(lm: LM, requests: list[EditRequest], hp: MENDHParams) -> dict:
 def is_trained(lm: LM, hp: MENDHParams | None = None) -> bool:
     """Whether an editor for ``lm`` and ``hp`` is in memory or in the cache (so that
     :func:`mend_editor` will not train)."""
-    from ..training import trained_path
-
-    hp = hp or MENDHParams.for_model(lm)
-    memo = (id(lm.model), str(lm.device), tuple(sorted(hp.training_part().items())))
-    if memo in _TRAINED:
-        return True
-    data = _usable(default_training_requests(limit=hp.train_records))
-    return trained_path("mend", cache_key(lm, data, hp.training_part())).exists()
+    return EDITORS.is_trained(lm, hp)
 
 
 def plot_training(log: dict, title: str = "MEND editor training"):
