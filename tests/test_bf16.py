@@ -51,3 +51,33 @@ def test_bf16_edits_flip_facts_and_restore_exactly(lm16, facts16, method, overri
         assert weights_fingerprint(lm16) == before
         assert sum(p.numel() for p in lm16.model.parameters()) == n_params
     assert ok >= 2, f"{method} in bf16 flipped {ok} of {len(facts16)} facts"
+
+
+def test_ft_l_steps_below_half_an_ulp_accumulate_in_bf16(lm):
+    """A tiny random GPT-2 in bf16 with steps far below its weights' ulp (lr = 2e-5, 25
+    steps) and GPT-2 XL's FT+L setting (lr = ε = 5e-4): the float32 master copy accumulates
+    the steps, so the weights move by about min(ε, lr × steps) each, inside the ℓ∞ ball.
+    Stepping the bf16 weights themselves moved them by half of that (measured: mean
+    2.6e-4 instead of 4.9e-4 at lr 2e-5)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from medit_lite.models import wrap
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64)
+    config.vocab_size = len(lm.tokenizer)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    tiny = wrap(model, lm.tokenizer, name="tiny-gpt2-bf16")
+    request = {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}
+    name = tiny.module_name("mlp_out", 0) + ".weight"
+    w0 = tiny.model.get_parameter(name).detach().clone()
+    eps, steps = 5e-4, 25
+    slack = float(torch.finfo(torch.bfloat16).eps) * float(w0.float().abs().max())
+    for lr in (5e-4, 2e-5):
+        with edit(tiny, request, "ft-l", layers=(0,), lr=lr, norm_constraint=eps, steps=steps):
+            w = tiny.model.get_parameter(name).detach()
+            moved = (w.float() - w0.float()).abs()
+            assert w.dtype == torch.bfloat16
+            assert float(moved.mean()) > 0.8 * min(eps, lr * steps), f"lr={lr}: steps rounded away"
+            assert float(moved.max()) <= eps + slack
+        assert torch.equal(tiny.model.get_parameter(name), w0)
