@@ -291,3 +291,51 @@ def test_length_groups_pad_fewest_tokens():
     # three groups {3,3,4} {10,10,11} {20}: 3*4 + 3*11 + 20 = 65 padded tokens
     assert _length_cuts(lengths, 3) == [4, 11, 20]
     assert _length_cuts([5, 5, 5], 3) == [5]  # equal lengths are never split
+
+
+def test_memit_reference_key_average_weighs_the_plain_prompt_half():
+    """kmeng01/memit compute_ks: the mean of the plain prompt's key and of the prefixes'
+    mean key; the flat average weighs every context alike."""
+    from medit_lite.methods.locate_edit import average_keys, template_groups
+
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 6, 7, generator=g, dtype=torch.float64)  # plain + 5 prefixes
+    groups = template_groups(((10, 5),))
+    assert groups == [1, 5]
+    grouped = average_keys(keys, groups)
+    assert torch.allclose(grouped, 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1))
+    assert torch.allclose(average_keys(keys, None), keys.mean(1))
+    assert not torch.allclose(grouped, keys.mean(1))
+    with pytest.raises(ValueError, match="add up"):
+        average_keys(keys, [1, 4])
+
+
+def test_memit_released_configurations_are_the_released_files():
+    """hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json of kmeng01/memit."""
+    from medit_lite.methods.memit import PAPER_DEFAULTS
+
+    xl, gptj = PAPER_DEFAULTS["gpt2-xl"], PAPER_DEFAULTS["gpt-j-6b"]
+    assert xl.layers == (13, 14, 15, 16, 17) and gptj.layers == (3, 4, 5, 6, 7, 8)
+    assert (xl.v_num_grad_steps, gptj.v_num_grad_steps) == (20, 25)
+    assert (xl.mom2_update_weight, gptj.mom2_update_weight) == (20_000, 15_000)
+    assert xl.mom2_n_samples == gptj.mom2_n_samples == 100_000
+    for hp in (xl, gptj):
+        assert (hp.clamp_norm_factor, hp.v_lr, hp.v_weight_decay, hp.kl_factor) == (
+            0.75,
+            0.5,
+            0.5,
+            0.0625,
+        )
+        assert hp.key_averaging == "groups" and hp.context_templates == ((10, 5),)
+        assert hp.context_openers == ("The", "Therefore", "Because", "I", "You")
+
+
+def test_context_openers_start_the_sampled_prefixes(lm):
+    from medit_lite.methods.locate_edit import context_templates
+
+    openers = ("The", "Therefore", "Because", "I", "You")
+    templates = context_templates(lm, ((4, 5),), 0, openers)
+    assert templates[0] == "{}" and len(templates) == 6
+    assert all(t.startswith(o) for t, o in zip(templates[1:], openers))
+    assert all(t.endswith(". {}") for t in templates[1:])
+    assert context_templates(lm, ((4, 2),), 0) == context_templates(lm, ((4, 2),), 0, ("The",))

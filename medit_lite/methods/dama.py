@@ -169,7 +169,7 @@ def layer_projection(lm: LM, requests, layer: int, V: torch.Tensor, C, hp, templ
 
 def execute_dama(lm: LM, requests: list[EditRequest], hp: DAMAHParams) -> dict:
     """DAMA in place: the value differences, then each layer's projection, lowest first."""
-    templates = context_templates(lm, hp.context_templates, hp.seed)
+    templates = context_templates(lm, hp.context_templates, hp.seed, hp.context_openers)
     t0 = time.perf_counter()
     stats = None
     if hp.mom2_adjustment:

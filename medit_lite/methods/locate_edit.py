@@ -61,6 +61,8 @@ class LocateHParams:
     early_stop_term: str = "loss"
     #: (length in tokens, how many) of the prefixes sampled from the model for k* and v*
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    #: the words the sampled prefixes start with, in turn (MEMIT's code: five openers)
+    context_openers: tuple[str, ...] = ("The",)
     mom2_adjustment: bool = True
     mom2_corpus: str = "offline"
     mom2_n_samples: int = 20_000  # key vectors (tokens) averaged into C
@@ -110,27 +112,54 @@ def _check_corpus(hp) -> None:
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def context_templates(lm: LM, spec=((5, 10), (10, 10)), seed: int = 0) -> list[str]:
+def context_templates(
+    lm: LM, spec=((5, 10), (10, 10)), seed: int = 0, openers: Sequence[str] = ("The",)
+) -> list[str]:
     """``"{}"`` plus short texts sampled from the model (top-k 5, seeded), each followed by
-    ``". {}"``: the contexts k* and v* are averaged over (ROME Eq. 3 and 4).
+    ``". {}"``: the contexts k* and v* are averaged over (ROME Eq. 3 and 4). For each
+    ``(length, count)`` of ``spec``, ``count`` texts of ``length`` tokens, the i-th starting
+    with ``openers[i % len(openers)]`` (MEMIT's code: "The", "Therefore", "Because", "I",
+    "You", one text each).
 
     Kept per model object for the session (sampling them takes a few seconds).
     """
     _check_templates(spec)
+    openers = tuple(openers)
+    if not openers or not all(isinstance(o, str) and o.strip() for o in openers):
+        raise ValueError("context_openers must be non-empty words")
     per_model = _TEMPLATES.setdefault(lm.model, {})
-    key = (tuple(map(tuple, spec)), seed)
+    key = (tuple(map(tuple, spec)), seed, openers)
     if key not in per_model:
         out = ["{}"]
         devices = [lm.device] if lm.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for length, count in spec:
-                texts = lm.generate(["The"] * count, length - 1, do_sample=True, top_k=5)
-                for t in texts:
-                    t = ("The" + t).replace("{", " ").replace("}", " ").replace("\n", " ")
+                starts = [openers[i % len(openers)] for i in range(count)]
+                texts = lm.generate(starts, length - 1, do_sample=True, top_k=5)
+                for start, t in zip(starts, texts):
+                    t = (start + t).replace("{", " ").replace("}", " ").replace("\n", " ")
                     out.append(" ".join(t.split()) + ". {}")
         per_model[key] = out
     return list(per_model[key])
+
+
+def template_groups(spec) -> list[int]:
+    """How many templates each group holds: the plain prompt, then each ``(length,
+    count)`` of ``spec`` (for MEMIT's grouped key average)."""
+    return [1] + [count for _, count in spec]
+
+
+def average_keys(keys: torch.Tensor, groups: Sequence[int] | None) -> torch.Tensor:
+    """Keys ``[n, T, d]`` averaged over the templates: flat (``groups=None``), or, as
+    MEMIT's ``compute_ks``, the mean of each group's mean (the plain prompt then weighs as
+    much as all sampled prefixes of one length together)."""
+    if groups is None:
+        return keys.mean(1)
+    if sum(groups) != keys.shape[1]:
+        raise ValueError(f"groups {list(groups)} do not add up to {keys.shape[1]} templates")
+    parts = torch.split(keys, list(groups), dim=1)
+    return torch.stack([p.mean(1) for p in parts], 1).mean(1)
 
 
 # -- step 1: the key -------------------------------------------------------------------
@@ -590,18 +619,20 @@ def spread_update(
     fact_token: str,
     stats: dict | None,
     lam: float,
+    key_groups: Sequence[int] | None = None,
 ) -> dict[int, float]:
     """MEMIT's Alg. 1, step 2, in place: for each layer l of ``layers`` (lowest first),
-    the keys at the lookup token (averaged over ``templates``, with the layers below
-    already updated), the residual still missing at the top layer's output
-    r_i = z_i − h_i (current weights) divided by the number of layers left, and the
+    the keys at the lookup token (averaged over ``templates``, flat or by ``key_groups``:
+    :func:`average_keys`; with the layers below already updated), the residual still
+    missing at the top layer's output r_i = z_i − h_i (current weights) divided by the
+    number of layers left, and the
     update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (:func:`least_squares_update`). Returns ‖ΔW‖ per layer.
     """
     z_layer = layers[-1]
     norms = {}
     for i, layer in enumerate(layers):
         keys = lookup_states(lm, requests, ("mlp_out", layer), templates, fact_token)
-        K = keys.mean(1).T  # d_mlp × n
+        K = average_keys(keys, key_groups).T  # d_mlp × n
         cur = lookup_states(lm, requests, ("layer", z_layer), ["{}"], fact_token, output=True)[:, 0]
         R = (zs - cur).T / (len(layers) - i)  # d_model × n
         C = stats[layer].mom2 if stats is not None else None

@@ -169,7 +169,7 @@ def neutral_targets(lm: LM, requests: list[EditRequest], hp: LSDMHParams, templa
 
 def execute_lsdm(lm: LM, requests: list[EditRequest], hp: LSDMHParams) -> dict:
     """LSDM in place: the neutral targets, then MEMIT's spread over the located layers."""
-    templates = context_templates(lm, hp.context_templates, hp.seed)
+    templates = context_templates(lm, hp.context_templates, hp.seed, hp.context_openers)
     t0 = time.perf_counter()
     targets = neutral_targets(lm, requests, hp, templates)
     t1 = time.perf_counter()

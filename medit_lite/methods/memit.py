@@ -23,8 +23,16 @@ change. For a batch of requests i = 1..n:
      (``mom2_update_weight``) how much the old memories weigh against the new ones
      (:func:`~medit_lite.methods.locate_edit.least_squares_update`).
 
+**Contexts.** The reference code averages each key over its own context set, the plain
+prompt and five sampled 10-token prefixes (one from each of "The", "Therefore", "Because",
+"I", "You"), *by group*: the plain prompt's key weighs ½ (``compute_ks``;
+``key_averaging="groups"``, :data:`REFERENCE_CONTEXTS`). The SmolLM2 defaults keep ROME's
+contexts and a flat average (the plain prompt weighs 1/(number of contexts)), as they were
+tuned and measured; the released configurations below use the reference's.
+
 Defaults (``MEMITHParams.for_model``): the released configurations for GPT-2 XL
-(layers 13–17, λ = 20000) and GPT-J (layers 3–8, λ = 15000); for the default
+(layers 13–17, λ = 20000, 20 value steps) and GPT-J (layers 3–8, λ = 15000, 25 value
+steps), C from 100,000 samples, the reference contexts; for the default
 SmolLM2-135M, five layers around ROME's layer (2–6) and λ = 1500 (see
 :data:`DEFAULT_LAMBDA`). With ``sequential=True`` in :func:`~medit_lite.edit`, MEMIT simply runs
 once per request.
@@ -47,6 +55,7 @@ from .locate_edit import (
     lookup_states,
     optimise_delta,
     spread_update,
+    template_groups,
 )
 from .locate_edit import least_squares_update as memit_update  # noqa: F401  (kept importable)
 from .rome import SMOLLM2_TUNED, default_layer
@@ -62,6 +71,10 @@ class MEMITHParams(LocateHParams):
     mom2_update_weight: float = 15_000.0
     #: requests whose δ are optimised together (memory grows with it)
     batch_size: int = 16
+    #: how a layer's key averages the contexts: "groups", as the reference ``compute_ks``
+    #: (the mean of the plain prompt's key and of the prefixes' mean key), or "flat" (every
+    #: context alike, ROME's way; this project's default for SmolLM2, see below)
+    key_averaging: str = "flat"
 
     @classmethod
     def for_model(cls, lm: LM) -> MEMITHParams:
@@ -77,7 +90,12 @@ class MEMITHParams(LocateHParams):
             raise ValueError("hyperparameter layers must be increasing and distinct")
         if self.batch_size < 1:
             raise ValueError("hyperparameter batch_size must be at least 1")
+        if self.key_averaging not in KEY_AVERAGING:
+            raise ValueError(f"hyperparameter key_averaging must be one of {KEY_AVERAGING}")
         self.validate_common()
+
+
+KEY_AVERAGING = ("flat", "groups")
 
 
 #: λ for models without a released configuration, measured on SmolLM2-135M: with the
@@ -94,20 +112,32 @@ DEFAULT_LAMBDA = 1500.0
 #: with ES 1.0.
 MEMIT_TUNED = SMOLLM2_TUNED | {"v_num_grad_steps": 10}
 
+#: MEMIT's own contexts (kmeng01/memit ``get_context_templates``): the plain prompt and
+#: five sampled prefixes of 10 tokens, one from each opener; keys averaged by group.
+REFERENCE_CONTEXTS = dict(
+    context_templates=((10, 5),),
+    context_openers=("The", "Therefore", "Because", "I", "You"),
+    key_averaging="groups",
+)
 #: The released MEMIT configurations (kmeng01/memit, hparams/MEMIT/*.json).
 PAPER_DEFAULTS = {
     "gpt2-xl": MEMITHParams(
         layers=(13, 14, 15, 16, 17),
+        v_num_grad_steps=20,
         mom2_corpus="wikipedia",
-        mom2_n_samples=1_000_000,
+        mom2_n_samples=100_000,
         mom2_max_length=1024,
         mom2_update_weight=20_000.0,
+        **REFERENCE_CONTEXTS,
     ),
     "gpt-j-6b": MEMITHParams(
         layers=(3, 4, 5, 6, 7, 8),
+        v_num_grad_steps=25,
         mom2_corpus="wikipedia",
-        mom2_n_samples=1_000_000,
+        mom2_n_samples=100_000,
         mom2_max_length=2048,
+        mom2_update_weight=15_000.0,
+        **REFERENCE_CONTEXTS,
     ),
 }
 
@@ -131,7 +161,7 @@ def memit_targets(lm: LM, requests, hp, templates) -> tuple[torch.Tensor, list]:
 def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets=None) -> dict:
     """One MEMIT batch edit, in place. ``targets`` (z, histories) from an earlier call's
     ``info["targets"]`` skips the optimisation (to compare λ or layers on the same z)."""
-    templates = context_templates(lm, hp.context_templates, hp.seed)
+    templates = context_templates(lm, hp.context_templates, hp.seed, hp.context_openers)
     t0 = time.perf_counter()
     zs, histories = memit_targets(lm, requests, hp, templates) if targets is None else targets
     t1 = time.perf_counter()
@@ -141,8 +171,9 @@ def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets
             lm, hp.layers, hp.mom2_corpus, hp.mom2_n_samples, max_length=hp.mom2_max_length
         )
     t2 = time.perf_counter()
+    groups = template_groups(hp.context_templates) if hp.key_averaging == "groups" else None
     norms = spread_update(
-        lm, requests, hp.layers, zs, templates, hp.fact_token, stats, hp.mom2_update_weight
+        lm, requests, hp.layers, zs, templates, hp.fact_token, stats, hp.mom2_update_weight, groups
     )
     z_layer = hp.layers[-1]
     final = lookup_states(lm, requests, ("layer", z_layer), ["{}"], hp.fact_token, output=True)

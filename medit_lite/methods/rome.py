@@ -180,7 +180,7 @@ def _weights(lm: LM, hp) -> list[str]:
 def rome_vectors(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
     """Steps 1 and 2 for one request: k*, k_p and the value (no weight changes)."""
     layer = hp.layers[0]
-    templates = context_templates(lm, hp.context_templates, hp.seed)
+    templates = context_templates(lm, hp.context_templates, hp.seed, hp.context_openers)
     t0 = time.perf_counter()
     k_star, k_plain = compute_key(lm, request, layer, templates, hp.fact_token)
     t1 = time.perf_counter()
