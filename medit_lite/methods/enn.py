@@ -63,6 +63,7 @@ from .meta_edit import (
     kl,
     module_gradient_pairs,
     pad,
+    pairs_nll,
     per_row,
     row_mean_nll,
     target_logits,
@@ -385,23 +386,13 @@ def edit_steps(lm: LM, base: ENNBase, requests: Sequence[EditRequest], k: int) -
     params = dict(lm.model.named_parameters())
     weights = [params[n] for n in base.names]
     pairs = [encode_pair(lm, r.text, r.target_new) for r in requests]
-    ids, mask = pad([p + t for p, t in pairs], lm.tokenizer.pad_token_id)
-    dev = lm.device
     losses = []
     for _ in range(k):
         for w in weights:
             w.requires_grad_(True)
         try:
             with torch.enable_grad():
-                normed = final_hidden(
-                    lm,
-                    detach=False,
-                    input_ids=ids.to(dev),
-                    attention_mask=mask.to(dev),
-                    use_cache=False,
-                )
-                logits, rows, targets = target_logits(lm, normed, pairs)
-                loss = row_mean_nll(logits, rows, targets, len(pairs)).sum()
+                loss = pairs_nll(lm, pairs).sum()
                 grads = torch.autograd.grad(loss, weights)
         finally:
             for w in weights:

@@ -81,6 +81,31 @@ def target_logits(
     return lm.module("unembed")(normed[rows.to(dev), cols.to(dev)]), rows, ids
 
 
+def pairs_nll(
+    lm: LM,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    hidden: torch.Tensor | None = None,
+    start: int = 0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Each pair's mean target NLL under the model as it is (hooks included), with
+    gradients; ``hidden``: the residual stream entering layer ``start`` (then only the
+    layers from there up run)."""
+    ids, mask = pad([p + t for p, t in pairs], lm.tokenizer.pad_token_id)
+    dev = lm.device
+    with replay_layers(lm, start, hidden):
+        normed = final_hidden(
+            lm,
+            detach=False,
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            use_cache=False,
+        )
+    logits, rows, targets = target_logits(lm, normed, pairs)
+    return row_mean_nll(logits, rows, targets, len(pairs), label_smoothing)
+
+
 def module_gradient_pairs(
     lm: LM,
     modules: Sequence[nn.Module],
@@ -101,7 +126,6 @@ def module_gradient_pairs(
     there up run). ``create_graph``: keep ``u`` and ``δ`` differentiable with respect to
     the model's weights. ``extra``: a callable ``(hooks) -> None`` that installs further
     hooks for the pass (ENN's earlier inner steps)."""
-    ids, mask = pad([p + t for p, t in pairs], lm.tokenizer.pad_token_id)
     dev = lm.device
     leaves: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
 
@@ -118,17 +142,8 @@ def module_gradient_pairs(
             extra(h)
         for i, m in enumerate(modules):
             h.edit_output(m, add_leaf(i))
-        with replay_layers(lm, start, hidden):
-            normed = final_hidden(
-                lm,
-                detach=False,
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                use_cache=False,
-            )
-        logits, rows, targets = target_logits(lm, normed, pairs)
-        loss = row_mean_nll(logits, rows, targets, len(pairs), label_smoothing).sum()
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
+        loss = pairs_nll(lm, pairs, hidden=hidden, start=start, label_smoothing=label_smoothing)
+        grads = torch.autograd.grad(loss.sum(), leaves, create_graph=create_graph)
     # every position that can influence a target token: up to the last one predicting it
     # (earlier positions reach later ones through attention in the layers above)
     rows = torch.cat([torch.full((len(p) + len(t) - 1,), i) for i, (p, t) in enumerate(pairs)])
