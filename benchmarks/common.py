@@ -10,7 +10,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from medit_lite.results import results_dir
+
+#: where results are written: the package's data/results (benchmarks/results links there),
+#: or $MEDIT_RESULTS
+RESULTS = results_dir()
 
 
 def machine() -> dict:

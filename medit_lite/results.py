@@ -1,12 +1,14 @@
 """Benchmark results as the book's pages read them.
 
-The scripts in ``benchmarks/`` write JSON files into ``benchmarks/results/``; pages never
-type a number, they read it from there. :func:`load_results` finds one file;
+The scripts in ``benchmarks/`` write JSON files into ``medit_lite/data/results/`` (package
+data, so that a ``pip install`` on Colab brings the results the pages read;
+``benchmarks/results`` is a link to that folder); pages never type a number, they read it
+from there. :func:`load_results` finds one file;
 :func:`evaluation_rows` walks every file and collects each :func:`medit_lite.evaluate.evaluate`
 result in it (a dict with ``method``, ``n`` and ``metrics``), so that a comparison table
 grows by itself as benchmarks for more methods are run.
 
-The folder is ``$MEDIT_RESULTS`` when set, else ``benchmarks/results`` of the repository.
+The folder is ``$MEDIT_RESULTS`` when set, else the package's ``data/results``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def results_dir() -> Path:
     env = os.environ.get("MEDIT_RESULTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    return Path(__file__).resolve().parent / "data" / "results"
 
 
 def load_results(name: str) -> dict | None:
