@@ -27,6 +27,7 @@ from .metrics import encode_pair
 from .models import LM
 from .progress import progress
 from .requests import EditRequest, as_requests
+from .stats import reuse_statistics
 
 
 @dataclass
@@ -220,11 +221,14 @@ def edit(
     start = time.perf_counter()
     try:
         batches = [[r] for r in reqs] if sequential else [reqs]
-        for batch in progress(batches, desc=f"{method} edits", disable=len(batches) < 2 or None):
-            info = dict(spec.apply(lm, batch, hp) or {})
-            if "undo" in info:
-                undo.append(info.pop("undo"))
-            infos.append(info)
+        with reuse_statistics():  # a sequential stream keeps the first C of each layer
+            for batch in progress(
+                batches, desc=f"{method} edits", disable=len(batches) < 2 or None
+            ):
+                info = dict(spec.apply(lm, batch, hp) or {})
+                if "undo" in info:
+                    undo.append(info.pop("undo"))
+                infos.append(info)
         for n in names:
             if not torch.isfinite(params[n]).all():
                 raise FloatingPointError(f"{method} produced non-finite values in {n}")

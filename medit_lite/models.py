@@ -188,6 +188,15 @@ class LM:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def device_of(self, kind: str, layer: int | None = None) -> torch.device:
+        """The device a module's weights live on: with a device map
+        (``load_model(..., device_map=...)``) each layer may sit on its own device, so
+        tensors that meet a layer's activations or weights are made on that layer's
+        device, not on :attr:`device` (the first parameter's)."""
+        for p in self.module(kind, layer).parameters():
+            return p.device
+        return self.device
+
     # -- text --------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded batch on the model's device."""
@@ -270,12 +279,19 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
 ) -> LM:
     """Load a causal LM with its adapter.
 
     ``name=None`` loads the offline default (SmolLM2-135M-Instruct). Any hub id or local
     directory works the same when the hub is reachable. ``device`` defaults to CUDA when
     available, else the CPU; ``dtype`` to float32 on the CPU and bfloat16 on CUDA.
+
+    ``device_map`` (instead of ``device``) places a model that outgrows one GPU over
+    several GPUs, or GPUs and the CPU: ``"auto"`` or a dict of module name → device, passed
+    to ``from_pretrained`` (accelerate attaches hooks that move each module's inputs to its
+    device). Every method and analysis here makes its tensors on the device of the layer
+    they meet (:meth:`LM.device_of`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -283,10 +299,17 @@ def load_model(
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in ADAPTERS:  # fail before downloading any weights
         adapter_for(type("_", (), {"config": config})())
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        gpu = device.type == "cuda" or (device_map is not None and torch.cuda.is_available())
+        dtype = torch.bfloat16 if gpu else torch.float32
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return wrap(model, tokenizer, name=str(name) if name else DEFAULT_MODEL)
 
@@ -301,3 +324,13 @@ def wrap(model: nn.Module, tokenizer, name: str = "custom") -> LM:
     for p in model.parameters():
         p.requires_grad_(False)
     return LM(model=model, tokenizer=tokenizer, adapter=adapter, name=name)
+
+
+def dispatch(model: nn.Module, device_map: dict) -> nn.Module:
+    """Place an already built model by ``device_map`` (module name → device) with
+    accelerate's hooks, which move each module's inputs to its own device (what
+    ``from_pretrained(..., device_map=...)`` attaches). Hooks are attached even when every
+    entry names one device, so the mechanics can be tested on the CPU."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=device_map, force_hooks=True)

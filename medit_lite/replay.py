@@ -92,7 +92,7 @@ class _Block(nn.Module):
         batch = hidden.shape[0]
         n = batch if self.n is None else self.n
         if n == 0:
-            return self.entry
+            return self.entry.to(hidden.device)
         kwargs |= dict(zip(self.arg_names, args))
         if n < batch:  # masks and other per-row arguments, for the rows that run
             kwargs = {k: _first_rows(v, n, batch) for k, v in kwargs.items()}
@@ -103,7 +103,7 @@ class _Block(nn.Module):
             kwargs[name] = self.kv
         out = self.block(hidden[:n], **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        return out if n >= batch else torch.cat([out, self.entry[n:]])
+        return out if n >= batch else torch.cat([out, self.entry[n:].to(out.device)])
 
 
 def _first_rows(value, n: int, batch: int):

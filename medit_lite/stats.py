@@ -27,9 +27,18 @@ Corpora (``corpus=``):
   (online).
 * a list of strings: your own text.
 
-Statistics are cached under ``cache_dir()/stats/<model>/<corpus>/`` keyed by model,
-layer, corpus, number of key vectors and sequence length. Compute them on the unedited
-model: a cached C describes the model it was computed on.
+Statistics are cached under ``cache_dir()/stats/`` (:func:`stats_path`), keyed by what
+they depend on (:func:`stats_key`): a fingerprint of the *weights* that feed the layer's
+keys (the embeddings, the layers below and the layer itself up to its MLP, not the name:
+every wrapped model is called "custom"), their dtype, the tokenizer, the layer, the
+corpus *contents* (the offline corpus differs with and without ../shared, and its
+samples come from the model), the number of key vectors and the sequence length. A
+cached C thus always describes the weights it was computed on; when any of these
+change, the key changes and C is computed again. A stream of edits that changes the
+weights below an edited layer (sequential MEMIT) would then recompute C at every edit;
+inside :func:`reuse_statistics` (which :func:`medit_lite.lifelong.lifelong` enters) each
+layer keeps the key it was first looked up under, as the reference code keeps the
+unedited model's C in memory.
 """
 
 from __future__ import annotations
@@ -38,11 +47,13 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .hooks import Hooks
 from .models import LM, cache_dir
@@ -83,6 +94,7 @@ class KeyStats:
     max_length: int
     seconds: float  # time spent computing it now (0.0 when loaded from the cache)
     path: Path | None  # the cache file, if any
+    key: dict | None = None  # what it was computed from (:func:`stats_key`)
 
     @property
     def cached(self) -> bool:
@@ -106,15 +118,152 @@ def corpus_name(corpus: str | Sequence[str]) -> str:
     return f"custom-{digest}"
 
 
-def stats_path(lm: LM, layer: int, corpus: str, n: int, max_length: int) -> Path:
-    """Cache file of one layer's statistics."""
-    return (
-        cache_dir()
-        / "stats"
-        / _slug(lm.name)
-        / _slug(corpus)
-        / f"layer{layer:02d}_mlp-key_mom2_n{n}_len{max_length}.pt"
+# -- cache keys -------------------------------------------------------------------------
+_DIGESTS = WeakIdKeyDictionary()  # tensor or tokenizer -> (stamp, digest)
+_TOKEN_COUNTS: dict[tuple, int] = {}
+_PINNED: list[dict] = []  # stack of reuse_statistics() blocks: pin -> key
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes, remembered per tensor object until it
+    changes (every in-place change bumps a tensor's version counter)."""
+    stamp = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+    memo = _DIGESTS.get(t)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    _DIGESTS[t] = (stamp, h.hexdigest())
+    return _DIGESTS[t][1]
+
+
+def weights_digest(params: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A short hash of named tensors (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, p in params:
+        h.update(name.encode())
+        h.update(tensor_digest(p).encode())
+    return h.hexdigest()[:16]
+
+
+def feeding_parameters(lm: LM, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """The parameters the keys of ``layer`` (the input of its ``mlp_out``) depend on:
+    everything below the final norm and unembedding except the layers above ``layer``
+    and ``layer``'s own ``mlp_out`` (so ROME's edits of that matrix keep its C)."""
+    stack = lm.adapter.layers + "."
+    skip = tuple(
+        lm.module_name(*k) + "." for k in (("mlp_out", layer), ("final_norm",), ("unembed",))
     )
+    out = []
+    for name, p in lm.model.named_parameters():
+        if name.startswith(stack) and int(name[len(stack) :].split(".")[0]) > layer:
+            continue
+        if not name.startswith(skip):
+            out.append((name, p))
+    return out
+
+
+def layer_fingerprint(lm: LM, layer: int) -> str:
+    """Fingerprint of the weights that feed ``layer``'s MLP keys (:func:`feeding_parameters`).
+
+    The first call hashes every byte (0.8 s for layer 4 of the default model; a few
+    seconds per GB on larger ones); later calls rehash only the tensors that changed."""
+    return weights_digest(feeding_parameters(lm, layer))
+
+
+def model_fingerprint(lm: LM) -> str:
+    """Fingerprint of all of the model's weights (what its sampled text depends on)."""
+    return weights_digest(lm.model.named_parameters())
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary and special tokens (remembered per object)."""
+    memo = _DIGESTS.get(tokenizer)
+    if memo is None:
+        blob = json.dumps([sorted(tokenizer.get_vocab().items()), str(tokenizer.bos_token)])
+        memo = (None, hashlib.sha256(blob.encode()).hexdigest()[:12])
+        _DIGESTS[tokenizer] = memo
+    return memo[1]
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    return hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:12]
+
+
+def _n_tokens(lm: LM, texts: list[str], max_length: int) -> int:
+    """Key vectors the texts give at ``max_length`` tokens per text (remembered)."""
+    memo = (tokenizer_digest(lm.tokenizer), _texts_digest(texts), max_length)
+    if memo not in _TOKEN_COUNTS:
+        ids = lm.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        _TOKEN_COUNTS[memo] = sum(map(len, ids))
+    return _TOKEN_COUNTS[memo]
+
+
+def corpus_key(lm: LM, corpus: str | Sequence[str], n_tokens: int, max_length: int) -> str:
+    """What the text of ``corpus`` depends on, as a name: a list's own hash; for
+    ``"offline"`` the hash of the ../shared texts (``noshared`` without them), plus,
+    when they hold fewer than ``n_tokens`` key vectors, the model's fingerprint (the top-up
+    is sampled from the model); for ``"sampled"`` the model's fingerprint."""
+    name = corpus_name(corpus)
+    if name not in ("offline", "sampled"):
+        return name  # custom-<hash>, or a fixed online dataset
+    parts = [name]
+    if name == "offline":
+        texts = shared_texts()
+        parts.append(_texts_digest(texts) if texts else "noshared")
+        if texts and _n_tokens(lm, texts, max_length) >= n_tokens:
+            return "-".join(parts)
+    return "-".join(parts + ["samples" + model_fingerprint(lm)])
+
+
+def stats_key(lm: LM, layer: int, corpus: str | Sequence[str], n: int, max_length: int) -> dict:
+    """Everything one layer's C depends on (the cache file is named after it).
+
+    Inside :func:`reuse_statistics` a layer keeps the key it was first looked up under."""
+    pin = (id(lm.model), layer, corpus_name(corpus), n, max_length)
+    if _PINNED and pin in _PINNED[-1]:
+        return _PINNED[-1][pin]
+    key = {
+        "weights": layer_fingerprint(lm, layer),
+        "dtype": str(lm.module("mlp_out", layer).weight.dtype).removeprefix("torch."),
+        "tokenizer": tokenizer_digest(lm.tokenizer),
+        "layer": layer,
+        "corpus": corpus_key(lm, corpus, n, max_length),
+        "n": n,
+        "max_length": max_length,
+    }
+    if _PINNED:
+        _PINNED[-1][pin] = key
+    return key
+
+
+def stats_path(lm: LM, layer: int, corpus: str | Sequence[str], n: int, max_length: int) -> Path:
+    """Cache file of one layer's statistics, named after its :func:`stats_key`."""
+    return _key_path(lm, stats_key(lm, layer, corpus, n, max_length))
+
+
+def _key_path(lm: LM, key: dict) -> Path:
+    model = f"{_slug(lm.name)}-w{key['weights']}-t{key['tokenizer']}"
+    name = (
+        f"layer{key['layer']:02d}_mlp-key_mom2_{key['dtype']}_n{key['n']}_len{key['max_length']}.pt"
+    )
+    return cache_dir() / "stats" / model / _slug(key["corpus"]) / name
+
+
+@contextmanager
+def reuse_statistics():
+    """Within the block, each layer's statistics keep the cache key they were first
+    looked up under, also after edits change the weights that feed the layer.
+
+    This is the reference code's behaviour in a stream of edits (kmeng01/memit keeps the
+    first C of each layer in memory: the unedited model's). The C itself is still
+    computed on the weights its key names, so the disk cache stays truthful. Nested
+    blocks share the outermost block's keys."""
+    _PINNED.append(_PINNED[-1] if _PINNED else {})
+    try:
+        yield
+    finally:
+        _PINNED.pop()
 
 
 # -- text ----------------------------------------------------------------------------------
@@ -140,7 +289,13 @@ def sampled_texts(
     lm: LM, n_texts: int, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 32
 ) -> list[str]:
     """``n_texts`` continuations sampled from the model (seeded), cached on disk."""
-    path = cache_dir() / "stats" / _slug(lm.name) / f"samples_seed{seed}_len{max_new_tokens}.json"
+    folder = (
+        cache_dir()
+        / "stats"
+        / "samples"
+        / (f"{_slug(lm.name)}-{model_fingerprint(lm)}-t{tokenizer_digest(lm.tokenizer)}")
+    )
+    path = folder / f"samples_seed{seed}_len{max_new_tokens}.json"
     texts: list[str] = []
     if path.exists():
         texts = json.loads(path.read_text("utf-8"))
@@ -201,15 +356,16 @@ def corpus_texts(
     if corpus in ("wikitext", "wikipedia"):
         yield from _dataset_texts(corpus)
         return
-    given = 0
     if corpus == "offline":
-        for text in shared_texts():
-            given += 1
-            yield text
+        texts = shared_texts()
+        yield from texts
+        if texts and _n_tokens(lm, texts, max_length) >= n_tokens:
+            return  # enough: sample nothing (the cache key says so too, corpus_key)
     # top up with the model's samples; each gives at most max_length tokens
     n_samples = 16
+    new_tokens = min(max_length, lm.max_length - 8)  # the opener's tokens fit too
     while True:
-        texts = sampled_texts(lm, n_samples, max_new_tokens=max_length)
+        texts = sampled_texts(lm, n_samples, max_new_tokens=new_tokens)
         yield from texts[n_samples // 2 if n_samples > 16 else 0 :]
         n_samples *= 2
 
@@ -219,18 +375,26 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the last needed layer is reached."""
 
 
-def _token_batches(lm: LM, texts: Iterator[str], n_tokens: int, max_length: int, batch_size: int):
-    """Right-padded batches whose unmasked positions add up to exactly ``n_tokens``."""
-    remaining = n_tokens
+def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Lists of ``size`` texts, the last one shorter (a corpus smaller than one batch
+    makes one short batch)."""
     buffer: list[str] = []
     for text in texts:
         buffer.append(text)
-        if len(buffer) < batch_size:
-            continue
+        if len(buffer) == size:
+            yield buffer
+            buffer = []
+    if buffer:
+        yield buffer
+
+
+def _token_batches(lm: LM, texts: Iterator[str], n_tokens: int, max_length: int, batch_size: int):
+    """Right-padded batches whose unmasked positions add up to exactly ``n_tokens``."""
+    remaining = n_tokens
+    for chunk in _chunks(texts, batch_size):
         batch = lm.tokenizer(
-            buffer, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length
         )
-        buffer = []
         mask = batch["attention_mask"]
         counts = mask.sum(1)
         keep = torch.cumsum(counts, 0) <= remaining
@@ -242,10 +406,42 @@ def _token_batches(lm: LM, texts: Iterator[str], n_tokens: int, max_length: int,
             batch = {k: v[: first + 1] for k, v in batch.items()}
         used = int(mask.sum())
         remaining -= used
-        yield {k: v.to(lm.device) for k, v in batch.items()}, mask.to(lm.device), used
+        yield {k: v.to(lm.device) for k, v in batch.items()}, mask, used
         if remaining <= 0:
             return
     raise ValueError(f"the corpus ran out of text {remaining} tokens short of {n_tokens}")
+
+
+def check_n_tokens(lm: LM, n_tokens, allow_singular: bool = False) -> None:
+    """A ValueError unless ``n_tokens`` is an integer of at least d_mlp: C = K Kᵀ / n of
+    fewer key vectors than d_mlp has rank below d_mlp, and ROME and MEMIT invert it
+    (``allow_singular`` accepts any positive count)."""
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if n_tokens < lm.d_mlp and not allow_singular:
+        raise ValueError(
+            f"{n_tokens} key vectors give a singular C (rank ≤ {n_tokens} < d_mlp = "
+            f"{lm.d_mlp}): use at least {lm.d_mlp}, better a few multiples of it"
+        )
+
+
+def _load(lm: LM, layer: int, path: Path, key: dict, name: str, max_length: int):
+    """The cached statistics at ``path`` if they were saved under ``key`` (else None)."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu")
+    if saved.get("key") != key:
+        return None
+    mom2 = saved["mom2"].to(lm.device_of("mlp_out", layer))
+    return KeyStats(mom2, saved["n"], layer, name, lm.name, max_length, 0.0, path, key)
+
+
+def _save(path: Path, mom2: torch.Tensor, key: dict, name: str, model: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    payload = {"mom2": mom2.cpu(), "n": key["n"], "model": model, "corpus": name, "key": key}
+    torch.save(payload, tmp)
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -258,27 +454,27 @@ def second_moments(
     max_length: int = 128,
     batch_size: int = 16,
     cache: bool = True,
+    allow_singular: bool = False,
 ) -> dict[int, KeyStats]:
     """C = E[k kᵀ] of the MLP keys of each layer in ``layers`` over ``n_tokens`` positions.
 
     One pass over the text serves every layer, and the forward pass stops after the
     highest of them. Each layer's result is cached on its own (see :func:`stats_path`).
+    ``n_tokens`` below d_mlp (a singular C) is an error unless ``allow_singular``.
     """
     layers = sorted({int(l) % lm.n_layers for l in _check_layers(lm, layers)})
-    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    name = corpus_name(corpus)
+    check_n_tokens(lm, n_tokens, allow_singular)
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}")
-    name = corpus_name(corpus)
     out: dict[int, KeyStats] = {}
-    todo = []
+    todo, keys = [], {}
     for layer in layers:
-        path = stats_path(lm, layer, name, n_tokens, max_length)
-        if cache and path.exists():
-            saved = torch.load(path, map_location=lm.device)
-            out[layer] = KeyStats(
-                saved["mom2"].to(lm.device), saved["n"], layer, name, lm.name, max_length, 0.0, path
-            )
+        keys[layer] = stats_key(lm, layer, corpus, n_tokens, max_length)
+        path = _key_path(lm, keys[layer])
+        found = _load(lm, layer, path, keys[layer], name, max_length) if cache else None
+        if found is not None:
+            out[layer] = found
         else:
             todo.append(layer)
     if not todo:
@@ -286,7 +482,8 @@ def second_moments(
 
     start = time.perf_counter()
     d = lm.d_mlp
-    sums = {l: torch.zeros(d, d, dtype=torch.float64, device=lm.device) for l in todo}
+    devices = {l: lm.device_of("mlp_out", l) for l in todo}
+    sums = {l: torch.zeros(d, d, dtype=torch.float64, device=devices[l]) for l in todo}
     texts = corpus_texts(lm, corpus, n_tokens, max_length)
     bar = progress(total=n_tokens, desc=f"key statistics, layers {todo}", unit="tok")
     try:
@@ -298,23 +495,20 @@ def second_moments(
                     lm.model(**batch, use_cache=False)
                 except _Stop:
                     pass
-            flat = mask.bool()
             for l in todo:
-                keys = boxes[l].value[flat].float()
-                sums[l] += (keys.T @ keys).double()
+                value = boxes[l].value
+                keys_l = value[mask.bool().to(value.device)].float()
+                sums[l] += (keys_l.T @ keys_l).double().to(devices[l])
             bar.update(used)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     for l in todo:
         mom2 = (sums[l] / n_tokens).float()
-        path = stats_path(lm, l, name, n_tokens, max_length) if cache else None
+        path = _key_path(lm, keys[l]) if cache else None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"mom2": mom2.cpu(), "n": n_tokens, "model": lm.name, "corpus": name}, tmp)
-            tmp.replace(path)
-        out[l] = KeyStats(mom2, n_tokens, l, name, lm.name, max_length, seconds, path)
+            _save(path, mom2, keys[l], name, lm.name)
+        out[l] = KeyStats(mom2, n_tokens, l, name, lm.name, max_length, seconds, path, keys[l])
     return out
 
 

@@ -59,3 +59,48 @@ def shared_or_skip(name: str):
     if path is None:
         pytest.skip(f"{name} not found: ../shared/data is absent in this checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    from medit_lite.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tokenizer):
+    """A factory of tiny random models (d_model 32, d_mlp 64) with the default tokenizer:
+    ``make_tiny(family="gpt2", layers=2, seed=0, dtype=torch.float32, device_map=None)``.
+    ``device_map`` (module name → device) dispatches the model with accelerate, as
+    ``load_model(..., device_map=...)`` does."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from medit_lite.models import wrap
+
+    def make(family="gpt2", layers=2, seed=0, dtype=torch.float32, device_map=None):
+        torch.manual_seed(seed)
+        if family == "gpt2":
+            config = GPT2Config(n_embd=32, n_inner=64, n_layer=layers, n_head=4, n_positions=128)
+        else:
+            config = LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            )
+        config.vocab_size = len(tokenizer)
+        model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+        if device_map is not None:
+            from medit_lite.models import dispatch
+
+            model = dispatch(model, device_map)
+        return wrap(model, tokenizer, name=f"tiny-{family}")
+
+    return make

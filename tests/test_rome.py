@@ -1,7 +1,7 @@
 """ROME, MEMIT and the second-moment statistics on the real default model.
 
-Statistics use a small sample count (``N``) so the first run stays short; they are cached
-under ``$MEDIT_CACHE`` like every other run's.
+Statistics use a small sample count (``N``) so the first run stays short; the edits cache
+them under ``$MEDIT_CACHE`` like every other run's (the cache test uses a temporary one).
 """
 
 import math
@@ -20,7 +20,8 @@ FAST = dict(mom2_n_samples=N)
 
 
 # -- statistics ---------------------------------------------------------------------------
-def test_second_moment_is_symmetric_psd_and_cached(lm):
+def test_second_moment_is_symmetric_psd_and_cached(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIT_CACHE", str(tmp_path))  # never the user's cache
     layer = ROMEHParams.for_model(lm).layers[0]
     first = second_moment(lm, layer, n_tokens=N)
     C = first.mom2
@@ -35,7 +36,9 @@ def test_second_moment_is_symmetric_psd_and_cached(lm):
 def test_second_moment_matches_a_direct_average(lm):
     texts = ["The Eiffel Tower is in Paris.", "Water boils at one hundred degrees."]
     n = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
-    stats = second_moments(lm, [1], texts * 8, n_tokens=n, batch_size=2, cache=False)[1]
+    stats = second_moments(
+        lm, [1], texts * 8, n_tokens=n, batch_size=2, cache=False, allow_singular=True
+    )[1]
     from medit_lite.hooks import Hooks
 
     keys = []
@@ -55,10 +58,11 @@ def test_second_moment_matches_a_direct_average(lm):
         (dict(corpus="nonsense"), "unknown corpus"),
         (dict(layers=[99]), "outside"),
         (dict(layers=[]), "at least one"),
+        (dict(n_tokens=10), "singular"),
     ],
 )
 def test_second_moment_bad_input(lm, kwargs, match):
-    args = dict(layers=[0], corpus="offline", n_tokens=10) | kwargs
+    args = dict(layers=[0], corpus="offline", n_tokens=2000) | kwargs
     with pytest.raises(ValueError, match=match):
         second_moments(lm, args.pop("layers"), **args)
 

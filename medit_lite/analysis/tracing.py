@@ -270,7 +270,7 @@ def trace(
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eps = torch.randn(samples, span[1] - span[0], lm.d_model, generator=gen) * noise
-    eps = eps.to(device=lm.device, dtype=lm.dtype)
+    eps = eps.to(device=lm.device_of("embed"), dtype=lm.module("embed").weight.dtype)
 
     # corrupted run (one row per noise sample): the residual stream after every layer
     # and the keys and values of every layer, from which the rows read their prefix
@@ -279,7 +279,8 @@ def trace(
         outs = [h.capture_output(lm.module("layer", l)) for l in range(n_layers)]
         with record_kv(lm) as kv:
             base_logits = _forward_last_logits(lm, ids.expand(samples, -1))
-    corrupted = _Corrupted(ids, eps, span, torch.stack([box.value for box in outs]), kv)
+    stream = torch.stack([box.value.to(lm.device) for box in outs])  # layers may differ
+    corrupted = _Corrupted(ids, eps, span, stream, kv)
     base_probs = _read(torch.softmax(base_logits.float(), -1), readout)
 
     # one row per (cell, sample), with the first layer its restoration changes; rows that
@@ -384,7 +385,8 @@ def _restorer(state: torch.Tensor, row_idx: torch.Tensor, tok_idx: torch.Tensor,
 
     def fn(out):
         out = out.clone()
-        out[row_idx, tok_idx - offset] = state[tok_idx]
+        rows, toks = row_idx.to(out.device), tok_idx.to(out.device)
+        out[rows, toks - offset] = state[tok_idx.to(state.device)].to(out.device)
         return out
 
     return fn
@@ -411,7 +413,7 @@ class _Corrupted:
         for j, rec in enumerate(self.kv):
             keys, values = rec.keys[:, :, :first_token], rec.values[:, :, :first_token]
             mask_cache.update(keys[:1], values[:1], j)
-            rows = sample_idx[: counts[j]]
+            rows = sample_idx[: counts[j]].to(keys.device)  # each layer's own device
             per_layer.append(PrefixKV(keys[rows], values[rows]))
         return per_layer, mask_cache
 
@@ -431,7 +433,7 @@ def _run_chunk(lm, corrupted: _Corrupted, chunk, first_token, clean, window, rea
     plan: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
     for row, (_, (kind, t, layer), _) in enumerate(chunk):
         if kind == "layer":
-            entry[row, t - t0] = clean[("layer", layer)][t]
+            entry[row, t - t0] = clean[("layer", layer)][t].to(entry.device)
             continue
         for j in _restored(kind, layer, window, n_layers):
             r, tok = plan.setdefault((kind, j), ([], []))

@@ -171,7 +171,7 @@ def set_activations(hooks: Hooks, lm: LM, values: list[dict], coef: float) -> No
     for v in values:
         per_layer.setdefault(v["layer"], []).append(v["index"])
     for layer, idx in sorted(per_layer.items()):
-        index = torch.tensor(sorted(set(idx)), device=lm.device)
+        index = torch.tensor(sorted(set(idx)), device=lm.device_of("mlp_out", layer))
 
         def fn(x, index=index):
             x = x.clone()

@@ -315,7 +315,9 @@ def prompt_keys(lm: LM, layer: int, prompts: Sequence[str], batch_size: int = 32
                 box = h.capture_input(proj)
                 lm.model(**batch)
             out.append(box.value[torch.arange(len(last)), last].float())
-    return torch.cat(out) if out else torch.zeros(0, lm.d_mlp)
+    return (
+        torch.cat(out) if out else torch.zeros(0, lm.d_mlp, device=lm.device_of("mlp_out", layer))
+    )
 
 
 def key_distances(lm: LM, layer: int, requests: Sequence[EditRequest]) -> dict[str, list[float]]:
@@ -459,7 +461,7 @@ def grace_one(lm: LM, request: EditRequest, hp: GraceHParams) -> tuple[tuple, di
     book = Codebook.of(lm, layer, create=True)
     g = torch.Generator(device="cpu").manual_seed(hp.seed)
     if hp.val_init == "cold":
-        value0 = torch.rand(site.layer_out.shape[0], generator=g).to(lm.device)
+        value0 = torch.rand(site.layer_out.shape[0], generator=g).to(site.layer_out.device)
     else:
         value0 = site.layer_out.float()
     n_before = len(book)

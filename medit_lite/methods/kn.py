@@ -162,7 +162,7 @@ def scaled_neurons(lm: LM, neurons: Sequence[Neuron], factor: float, positions: 
             rows = torch.arange(x.shape[0], device=x.device)
             x = x.clone()
             pos = positions.to(x.device)
-            x[rows[:, None], pos[:, None], cols[None]] *= factor
+            x[rows[:, None], pos[:, None], cols.to(x.device)[None]] *= factor
             return x
 
         return fn
@@ -188,10 +188,10 @@ def answer_probabilities(
     if neurons is None:
         batch = lm.tokenize(list(prompts))
         last = batch["attention_mask"].sum(1) - 1
-        logits = lm.model(**batch).logits
-        rows = torch.arange(len(prompts), device=lm.device)
-        probs = torch.softmax(logits[rows, last].float(), -1)
-        return probs[rows, torch.tensor(ids, device=lm.device)].cpu()
+        logits = lm.model(**batch).logits  # on the unembedding's device
+        rows = torch.arange(len(prompts), device=logits.device)
+        probs = torch.softmax(logits[rows, last.to(logits.device)].float(), -1)
+        return probs[rows, torch.tensor(ids, device=logits.device)].cpu()
     out = []
     for prompt, tid, ns in zip(prompts, ids, neurons):
         batch = lm.tokenize([prompt])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from ..models import LM
 from ..positions import subject_span
 from ..replay import cache_keyword, final_hidden, layer_input, replay_layers
 from ..requests import EditRequest
-from ..stats import NAMED_CORPORA, second_moment
+from ..stats import NAMED_CORPORA, check_n_tokens, second_moment
 
 FACT_TOKENS = ("subject_last", "last")
 EARLY_STOP_TERMS = ("loss", "nll")
@@ -69,8 +70,9 @@ class LocateHParams:
     mom2_max_length: int = 128
     seed: int = 0
 
-    def validate_common(self) -> None:
-        """Checks of the shared fields (each subclass adds its own in ``validate``)."""
+    def validate_common(self, lm: LM | None = None) -> None:
+        """Checks of the shared fields (each subclass adds its own in ``validate``); with
+        ``lm``, also that ``mom2_n_samples`` gives an invertible C (at least d_mlp keys)."""
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"hyperparameter fact_token must be one of {FACT_TOKENS}")
         if self.v_num_grad_steps < 1:
@@ -82,7 +84,7 @@ class LocateHParams:
         if self.early_stop_term not in EARLY_STOP_TERMS:
             raise ValueError(f"hyperparameter early_stop_term must be one of {EARLY_STOP_TERMS}")
         _check_templates(self.context_templates)
-        _check_corpus(self)
+        _check_corpus(self, lm)
 
 
 def _check_templates(spec) -> None:
@@ -98,7 +100,7 @@ def _check_templates(spec) -> None:
             )
 
 
-def _check_corpus(hp) -> None:
+def _check_corpus(hp, lm: LM | None = None) -> None:
     if hp.mom2_adjustment:
         if hp.mom2_corpus not in NAMED_CORPORA:
             raise ValueError(f"hyperparameter mom2_corpus must be one of {NAMED_CORPORA}")
@@ -106,6 +108,11 @@ def _check_corpus(hp) -> None:
             raise ValueError("hyperparameter mom2_n_samples must be at least 1")
         if hp.mom2_max_length < 2:
             raise ValueError("hyperparameter mom2_max_length must be at least 2")
+        if lm is not None:
+            try:
+                check_n_tokens(lm, hp.mom2_n_samples)
+            except ValueError as e:
+                raise ValueError(f"hyperparameter mom2_n_samples: {e}") from None
 
 
 # -- step 0: prefixes ------------------------------------------------------------------
@@ -227,8 +234,9 @@ def lookup_states(
                 lm.model(**batch, use_cache=False, logits_to_keep=1)
             except _Stop:
                 pass
-        idx = torch.tensor([i for _, _, i in chunk], device=lm.device)
-        out.append(box.value[torch.arange(len(chunk), device=lm.device), idx].float())
+        at = box.value.device  # the module's own device (device maps place layers apart)
+        idx = torch.tensor([i for _, _, i in chunk], device=at)
+        out.append(box.value[torch.arange(len(chunk), device=at), idx].float())
     return torch.cat(out).view(len(requests), len(templates), -1)
 
 
@@ -473,8 +481,9 @@ def optimise_delta(
     parts = full.by_length()
 
     d = lm.d_model
-    delta = torch.zeros(n_req, d, device=dev, dtype=torch.float32, requires_grad=True)
-    init = torch.zeros(len(rows), d, device=dev)  # each row's output at the lookup token
+    at = lm.device_of(kind, layer)  # δ lives where the edited module's output does
+    delta = torch.zeros(n_req, d, device=at, dtype=torch.float32, requires_grad=True)
+    init = torch.zeros(len(rows), d, device=at)  # each row's output at the lookup token
     unembed = lm.module("unembed")
     kl_init = torch.zeros(n_req, unembed.weight.shape[0], device=dev)
 
@@ -482,21 +491,23 @@ def optimise_delta(
         """One pass over ``part`` with δ added: (target token NLLs, KL rows' log-probs)."""
 
         def add_delta(out):
-            at = torch.arange(len(part.rows), device=out.device)
-            where = part.lookup
+            here = out.device
+            rows = torch.arange(len(part.rows), device=here)
+            where = part.lookup.to(here)
             if first:
-                init[part.rows] = out[at, where].detach().float()
+                init[part.rows.to(init.device)] = out[rows, where].detach().float().to(init.device)
             out = out.clone()
-            out[at, where] = out[at, where] + delta[part.owner].to(out.dtype)
+            out[rows, where] = out[rows, where] + delta[part.owner.to(delta.device)].to(out)
             return out
 
         inputs = part.inputs(lm)  # (the prefix cache runs the whole model: outside the hooks)
         with Hooks() as h, replay_layers(lm, layer, part.hidden):
             h.edit_output(lm.module(kind, layer), add_delta)
             final = final_hidden(lm, detach=False, **inputs)
-        logp = torch.log_softmax(unembed(final[part.tgt_rows, part.tgt_pos]).float(), -1)
+        final = final.to(dev)  # the final norm may sit on another device than the inputs
+        logp = torch.log_softmax(unembed(final[part.tgt_rows, part.tgt_pos]).float().to(dev), -1)
         tok_nll = -logp.gather(1, part.tgt_ids[:, None])[:, 0] * part.tgt_weight
-        kl_logp = torch.log_softmax(unembed(final[part.kl_rows, part.kl_pos]).float(), -1)
+        kl_logp = torch.log_softmax(unembed(final[part.kl_rows, part.kl_pos]).float().to(dev), -1)
         return tok_nll, kl_logp
 
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -517,8 +528,8 @@ def optimise_delta(
             kl = kl.index_add(0, part.requests, kl_now)
         nll = nll / rows_per_req
         if v_init is None:
-            v_init = init[plain_rows_t]  # m: the output at the plain prompt
-        wd = delta.norm(dim=1) / v_init.norm(dim=1) ** 2
+            v_init = init[plain_rows_t.to(init.device)]  # m: the output at the plain prompt
+        wd = (delta.norm(dim=1) / v_init.norm(dim=1) ** 2).to(dev)
         loss = nll + hp.kl_factor * kl + hp.v_weight_decay * wd
         values = torch.stack([loss, nll, kl, wd]).detach().tolist()
         for i in torch.nonzero(active).flatten().tolist():
@@ -540,7 +551,8 @@ def optimise_delta(
         frozen = delta.detach().clone()
         opt.step()
         with torch.no_grad():
-            delta[~still] = frozen[~still]
+            still_at = still.to(at)
+            delta[~still_at] = frozen[~still_at]
             max_norm = hp.clamp_norm_factor * v_init.norm(dim=1)
             norms = delta.norm(dim=1)
             scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
@@ -578,10 +590,48 @@ def rank_one_update(
     (direction from the averaged key, constraint on the plain prompt's key).
     """
     k_insert = k if k_insert is None else k_insert
-    W64, k64, ki64, v64 = (x.double() for x in (W, k, k_insert, v))
-    u = k64 if C is None else torch.linalg.solve(C.double(), k64)
+    W64, k64, ki64, v64 = (x.double().to(W.device) for x in (W, k, k_insert, v))
+    u = k64 if C is None else torch.linalg.solve(C.double().to(W.device), k64)
     residual = v64 - W64 @ ki64
     return torch.outer(residual, u) / (u @ ki64)
+
+
+def insert_tolerance(dtype: torch.dtype) -> float:
+    """The largest share of a written update the cast into ``dtype`` may lose: 16 units
+    of rounding of the dtype (bf16 0.125, fp16 0.016), at least 1e-4 (float32)."""
+    return max(1e-4, 16 * float(torch.finfo(dtype).eps))
+
+
+@torch.no_grad()
+def add_update(W: torch.Tensor, upd: torch.Tensor, keys: torch.Tensor) -> dict:
+    """``W += upd`` in W's dtype and on W's device, then the check that the stored
+    matrix Ŵ still writes what the float64 solve wrote at the inserted keys (ROME's
+    Ŵ k* ≈ v*): ``insert_error`` = max_i ‖(Ŵ − W) k_i − ΔW k_i‖ / ‖ΔW k_i‖, the share
+    of the change at key k_i (a column of ``keys``, or one key) lost to rounding, with
+    ``insert_tolerance`` (:func:`insert_tolerance`) and ``insert_ok``. In bf16 a ΔW
+    smaller than half a unit of rounding of W's entries vanishes: the error is then ≈ 1."""
+    before = W.detach().to(torch.float64, copy=True)  # a copy also when W is float64
+    W += upd.to(W)
+    K = keys.to(before)
+    K = K[:, None] if K.dim() == 1 else K
+    written = upd.to(before) @ K
+    got = (W.detach().double() - before) @ K
+    lost = (got - written).norm(dim=0) / written.norm(dim=0).clamp_min(1e-300)
+    err, tol = float(lost.max()), insert_tolerance(W.dtype)
+    return {"insert_error": err, "insert_tolerance": tol, "insert_ok": err <= tol}
+
+
+def warn_insertion(method: str, layer: int, check: dict, dtype: torch.dtype) -> None:
+    """A warning when :func:`add_update`'s check failed."""
+    if not check["insert_ok"]:
+        warnings.warn(
+            f"{method}: after the cast to {dtype} the update of layer {layer} keeps only "
+            f"{1 - check['insert_error']:.0%} of its change at the inserted key (lost "
+            f"{check['insert_error']:.3g} > tolerance {check['insert_tolerance']:.3g}); "
+            "the edit may not hold. Compute in float32, or use larger updates.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def key_stats(lm: LM, layer: int, hp) -> torch.Tensor | None:
@@ -598,7 +648,7 @@ def whitened_keys(K: torch.Tensor, C: torch.Tensor | None, lam: float) -> torch.
     whitening use them (C the identity when None)."""
     K64 = K.double()
     d = K64.shape[0]
-    C64 = torch.eye(d, dtype=torch.float64, device=K.device) if C is None else C.double()
+    C64 = torch.eye(d, dtype=torch.float64, device=K.device) if C is None else C.to(K64)
     return torch.linalg.solve(lam * C64 + K64 @ K64.T, K64)  # symmetric A: Aᵀ = A
 
 
@@ -620,25 +670,29 @@ def spread_update(
     stats: dict | None,
     lam: float,
     key_groups: Sequence[int] | None = None,
+    checks: dict | None = None,
 ) -> dict[int, float]:
     """MEMIT's Alg. 1, step 2, in place: for each layer l of ``layers`` (lowest first),
     the keys at the lookup token (averaged over ``templates``, flat or by ``key_groups``:
     :func:`average_keys`; with the layers below already updated), the residual still
     missing at the top layer's output r_i = z_i − h_i (current weights) divided by the
     number of layers left, and the
-    update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (:func:`least_squares_update`). Returns ‖ΔW‖ per layer.
+    update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (:func:`least_squares_update`), added in the model's
+    dtype and checked at the layer's keys (:func:`add_update`; the checks go into
+    ``checks``, per layer, when given). Returns ‖ΔW‖ per layer.
     """
     z_layer = layers[-1]
     norms = {}
+    checks = {} if checks is None else checks
     for i, layer in enumerate(layers):
         keys = lookup_states(lm, requests, ("mlp_out", layer), templates, fact_token)
-        K = average_keys(keys, key_groups).T  # d_mlp × n
+        K = average_keys(keys, key_groups).T  # d_mlp × n, on this layer's device
         cur = lookup_states(lm, requests, ("layer", z_layer), ["{}"], fact_token, output=True)[:, 0]
-        R = (zs - cur).T / (len(layers) - i)  # d_model × n
+        R = (zs.to(cur.device) - cur).T / (len(layers) - i)  # d_model × n
         C = stats[layer].mom2 if stats is not None else None
-        upd = least_squares_update(K, R, C, lam)
-        with torch.no_grad():
-            W = lm.weight_out_in("mlp_out", layer)
-            W += upd.to(W.dtype)
+        upd = least_squares_update(K, R.to(K.device), C, lam)
+        W = lm.weight_out_in("mlp_out", layer)
+        checks[layer] = add_update(W, upd, K)
+        warn_insertion("MEMIT", layer, checks[layer], W.dtype)
         norms[layer] = float(upd.norm())
     return norms

@@ -92,7 +92,7 @@ class MEMITHParams(LocateHParams):
             raise ValueError("hyperparameter batch_size must be at least 1")
         if self.key_averaging not in KEY_AVERAGING:
             raise ValueError(f"hyperparameter key_averaging must be one of {KEY_AVERAGING}")
-        self.validate_common()
+        self.validate_common(lm)
 
 
 KEY_AVERAGING = ("flat", "groups")
@@ -172,8 +172,18 @@ def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets
         )
     t2 = time.perf_counter()
     groups = template_groups(hp.context_templates) if hp.key_averaging == "groups" else None
+    checks: dict[int, dict] = {}
     norms = spread_update(
-        lm, requests, hp.layers, zs, templates, hp.fact_token, stats, hp.mom2_update_weight, groups
+        lm,
+        requests,
+        hp.layers,
+        zs,
+        templates,
+        hp.fact_token,
+        stats,
+        hp.mom2_update_weight,
+        groups,
+        checks,
     )
     z_layer = hp.layers[-1]
     final = lookup_states(lm, requests, ("layer", z_layer), ["{}"], hp.fact_token, output=True)
@@ -181,6 +191,10 @@ def execute_memit(lm: LM, requests: list[EditRequest], hp: MEMITHParams, targets
         "layers": list(hp.layers),
         "n": len(requests),
         "update_norms": norms,
+        # per layer: the share of ΔW K lost to the cast into the model's dtype
+        "insert_errors": {layer: c["insert_error"] for layer, c in checks.items()},
+        "insert_tolerance": next(iter(checks.values()))["insert_tolerance"],
+        "insert_ok": all(c["insert_ok"] for c in checks.values()),
         "target_distance": float((zs - final[:, 0]).norm(dim=1).mean()),
         "p_target": [h[-1]["p_target"] for h in histories],
         "targets": (zs, histories),

@@ -74,6 +74,7 @@ from .locate_edit import (
     LocateHParams,
     ValueResult,
     _length_cuts,
+    add_update,
     compute_key,
     compute_value,
     context_templates,
@@ -81,6 +82,7 @@ from .locate_edit import (
     lookup_states,
     optimise_delta,
     rank_one_update,
+    warn_insertion,
 )
 
 #: Names kept importable from here (they moved to :mod:`.locate_edit`).
@@ -132,7 +134,7 @@ class ROMEHParams(LocateHParams):
             raise ValueError("ROME edits one layer: give layers=(L,) (MEMIT spreads edits)")
         if self.key_form not in KEY_FORMS:
             raise ValueError(f"hyperparameter key_form must be one of {KEY_FORMS}")
-        self.validate_common()
+        self.validate_common(lm)
 
 
 DEFAULT_RELATIVE_LAYER = 4 / 30
@@ -214,8 +216,8 @@ def insertion(lm: LM, layer: int, vectors: dict, key_form: str):
     if key_form not in KEY_FORMS:
         raise ValueError(f"key_form must be one of {KEY_FORMS}")
     W = lm.weight_out_in("mlp_out", layer).detach().double()
-    k_star, k_plain = vectors["k_star"].double(), vectors["k_plain"].double()
-    delta = vectors["value"].delta.double()
+    k_star, k_plain = vectors["k_star"].to(W), vectors["k_plain"].to(W)
+    delta = vectors["value"].delta.to(W)  # float64 on the layer's own device
     if key_form == "k-star":
         return k_star, W @ k_star + delta
     plain_value = W @ k_plain + delta  # m + δ, m the plain prompt's output
@@ -229,14 +231,14 @@ def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
     t0 = time.perf_counter()
     C = key_stats(lm, layer, hp)
     t1 = time.perf_counter()
+    k_insert, _ = insertion(lm, layer, vectors, hp.key_form)  # before W changes
     upd = rome_delta(lm, layer, vectors, C, hp.key_form)
-    with torch.no_grad():
-        W = lm.weight_out_in("mlp_out", layer)
-        W += upd.to(W.dtype)
+    W = lm.weight_out_in("mlp_out", layer)
+    check = add_update(W, upd, k_insert)  # Ŵ k ≈ v after the cast into W's dtype
+    warn_insertion("ROME", layer, check, W.dtype)
     value = vectors["value"]
-    k_star = vectors["k_star"].double()
-    k_insert, _ = insertion(lm, layer, vectors, hp.key_form)
-    u = k_star if C is None else torch.linalg.solve(C.double(), k_star)
+    k_star = vectors["k_star"].to(k_insert)
+    u = k_star if C is None else torch.linalg.solve(C.to(k_star), k_star)
     return {
         "layer": layer,
         "key_form": hp.key_form,
@@ -246,6 +248,7 @@ def execute_rome(lm: LM, request: EditRequest, hp: ROMEHParams) -> dict:
         "v_init_norm": float(value.v_init.norm()),
         "update_norm": float(upd.norm()),
         "denominator": float(u @ k_insert),
+        **check,
         "seconds_key": vectors["seconds_key"],
         "seconds_value": vectors["seconds_value"],
         "seconds_stats": t1 - t0,

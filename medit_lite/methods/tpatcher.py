@@ -327,7 +327,7 @@ def ffn_inputs(
         if skip_first:
             keep = keep & (keep.long().cumsum(-1) > 1)
         out.append(box.value[keep].float())
-    return torch.cat(out) if out else torch.zeros(0, lm.d_model, device=lm.device)
+    return torch.cat(out) if out else torch.zeros(0, lm.d_model, device=lm.device_of("mlp", layer))
 
 
 class _Stop(Exception):
@@ -382,7 +382,7 @@ def edit_site(lm: LM, layer: int, request: EditRequest) -> EditSite:
         out = h.capture_output(lm.module("layer", layer))
         logits = lm.model(input_ids=ids).logits[0]
     rows = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(target_ids) - 1)
-    target = torch.tensor(target_ids, device=lm.device)
+    target = torch.tensor(target_ids, device=logits.device)
     predicted = logits[rows].argmax(-1)
     return EditSite(
         target_ids=target,
@@ -416,15 +416,16 @@ def train_patch(
     """
     torch.manual_seed(hp.seed)
     neurons = site.wrong[: hp.max_neurons]
-    patch = Patch.init_from(site.queries[neurons]).to(lm.device)
+    at = lm.device_of("mlp", layer)  # the patched layer's own device
+    patch = Patch.init_from(site.queries[neurons].to(at)).to(at)
     optimizer = torch.optim.Adam(
         [
             {"params": [patch.keys, patch.bias], "lr": hp.lr},
             {"params": [patch.values], "lr": hp.value_lr},
         ]
     )
-    rows = torch.tensor(neurons, device=lm.device)
-    cols = torch.arange(len(neurons), device=lm.device)
+    rows = torch.tensor(neurons, device=at)
+    cols = torch.arange(len(neurons), device=at)
     last = layer == lm.n_layers - 1
     bank = None
     if not last:
@@ -441,7 +442,8 @@ def train_patch(
             pre = patch.pre_activation(site.queries)  # [T, n]
             edit_pre = pre[rows, cols]  # each neuron at its own position
             memory_pre = patch.pre_activation(memory)  # [M, n]
-            l_e = torch.nn.functional.cross_entropy(logits, site.target_ids)
+            l_e = torch.nn.functional.cross_entropy(logits, site.target_ids.to(logits.device))
+            l_e = l_e.to(at)  # the unembedding may sit on another device than the patch
             l_a = activation_loss(edit_pre, hp.act_margin)
             l_m = memory_loss(memory_pre, edit_pre, hp.memory_margin, hp.gap_margin, hp.top_k)
             loss = l_e + hp.act_weight * l_a + hp.memory_weight * l_m
