@@ -134,3 +134,55 @@ def test_ch02_solutions_for_mend_and_ig(capsys):
     for name in ("mend", "ig"):
         ch02.show_solution(name)
         assert "def " in capsys.readouterr().out
+
+
+# -- the build task of section 2.1: GRACE's codebook update -----------------------------
+def test_codebook_reference_applies_the_three_rules_on_the_hand_stream():
+    cases = ch02._codebook_cases()[:7]  # the 2-D stream
+    radii = []
+    for case in cases:
+        _, eps, labels = ch02.reference_codebook_update(*case)
+        radii.append([round(float(e), 4) for e in eps])
+    assert radii == [
+        [1.0],  # add to an empty book
+        [1.0, 1.0],  # add: no ball within reach
+        [1.0, 1.0],  # inside, same label: nothing changes
+        [1.6, 1.0],  # expand to d
+        [1.6, 0.75, 0.75],  # conflict: split to d/2 (less 1e-5 for the old key)
+        [1.2, 0.75, 0.75, 1.2],  # conflict within reach (d ≤ ε_init + ε): split
+        [1.2, 0.75, 0.75, 1.2, 1.0],  # add
+    ]
+    assert labels == [(1,), (2,), (1,), (2,), (2,)]
+
+
+def test_codebook_checker_accepts_refuses_and_explains():
+    from medit_lite.exercises import solution
+    from medit_lite.methods.grace import update_codebook
+
+    assert ch02.check_codebook_update(solution("codebook"))
+    assert ch02.check_codebook_update(lambda *a: ch02._codebook_rule(*a))
+    for fn in (ch02.reference_codebook_update, update_codebook):
+        refused = ch02.check_codebook_update(fn)
+        assert not refused and "package's own" in refused.message
+    assert len(ch02._CODEBOOK_MISTAKES) >= 2
+    for broken, hint in ch02._CODEBOOK_MISTAKES:
+        result = ch02.check_codebook_update(broken)
+        assert not result and hint in result.message
+
+
+def test_codebook_checker_reports_other_answers():
+    def in_place(keys, eps, labels, query, label, eps_init):
+        labels.append(tuple(label))
+        return ch02.reference_codebook_update(keys, eps, labels[:-1], query, label, eps_init)
+
+    assert "was modified" in ch02.check_codebook_update(in_place).message
+    assert "tuple (keys, eps, labels)" in ch02.check_codebook_update(lambda *a: None).message
+    assert "not implemented" in ch02.check_codebook_update(_stub).message
+    always_add = ch02.check_codebook_update(
+        lambda k, e, la, q, lab, ei: (
+            torch.cat([k, q[None]]),
+            torch.cat([e, torch.tensor([ei])]),
+            la + [lab],
+        )
+    )
+    assert not always_add and "expected" in always_add.message

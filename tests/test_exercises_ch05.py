@@ -125,3 +125,50 @@ def test_remove_subspace_checker():
         assert not result and hint in result.message
     assert "return a" in check_remove_subspace(lambda B: B).message
     show_solution("5.4")
+
+
+# -- 5.5 (build): DEPN's privacy-neuron aggregator --------------------------------------
+def test_aggregate_checker_accepts_refuses_and_explains():
+    import torch
+
+    from medit_lite.exercises import solution
+    from medit_lite.exercises.ch05 import (
+        _AGGREGATE_MISTAKES,
+        _aggregate_cases,
+        check_aggregate_neurons,
+        reference_aggregate_neurons,
+    )
+    from medit_lite.methods.depn import DEPNHParams, aggregate
+
+    for scores, layers, threshold, share, z in _aggregate_cases():
+        hp = DEPNHParams(threshold=threshold, min_share=share, neurons=z)
+        assert reference_aggregate_neurons(scores, layers, threshold, share, z) == aggregate(
+            scores, layers, hp
+        )
+    assert check_aggregate_neurons(solution("5.5"))
+    for fn in (reference_aggregate_neurons, aggregate):
+        refused = check_aggregate_neurons(fn)
+        assert not refused and "package's own" in refused.message
+    assert len(_AGGREGATE_MISTAKES) >= 2
+    for broken, hint in _AGGREGATE_MISTAKES:
+        result = check_aggregate_neurons(broken)
+        assert not result and hint in result.message
+    assert "not implemented" in check_aggregate_neurons(_stub).message
+    assert "list of (layer, neuron)" in check_aggregate_neurons(lambda *a: 3).message
+    shuffled = check_aggregate_neurons(lambda *a: reference_aggregate_neurons(*a)[::-1])
+    assert not shuffled and "wrong order" in shuffled.message
+    assert torch.is_tensor(_aggregate_cases()[0][0][0])
+
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+def test_solutions_of_chapter_5_pass_their_checkers():
+    from medit_lite.exercises import solution
+    from medit_lite.exercises.ch05 import check_bias_slope, check_remove_subspace
+
+    assert check_exposure_from_rank(solution("5.1"))
+    assert check_digit_rank(solution("5.2"))
+    assert check_bias_slope(solution("5.3"))
+    assert check_remove_subspace(solution("5.4"))

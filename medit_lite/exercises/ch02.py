@@ -12,6 +12,10 @@ printed by ``show_solution(name)``. Exercises of this module:
 * ``"mend"``: MEND's rank-one decomposition of a linear layer's gradient (Mitchell et al.,
   2022, §3.1), reference :func:`reference_mend_gradient`; checker
   :func:`check_mend_gradient`.
+* ``"codebook"`` (the build task of section 2.1): GRACE's codebook update for a new edit,
+  add, split or expand (Hartvigsen et al., 2023, Alg. 1), reference
+  :func:`reference_codebook_update` (:func:`medit_lite.methods.grace.update_codebook`);
+  checker :func:`check_codebook_update`.
 * ``"ig"``: the integrated-gradients Riemann sum of knowledge neurons (Dai et al., 2022,
   Eq. 4), reference :func:`reference_integrated_gradients`; checker
   :func:`check_integrated_gradients`.
@@ -24,16 +28,9 @@ from collections.abc import Callable
 import torch
 
 from ..methods.grace import deferral
-from .check import CheckResult, call_answer, report
+from .check import CheckResult, add_solution, call_answer, refusal, report, show_solution
 
-_SOLUTIONS: dict[str, str] = {}
-
-
-def show_solution(name: str) -> None:
-    """Print the solution of the chapter-2 exercise ``name`` (e.g. ``"grace"``)."""
-    if name not in _SOLUTIONS:
-        raise ValueError(f"no exercise {name!r}; chapter 2 has {', '.join(sorted(_SOLUTIONS))}")
-    print(_SOLUTIONS[name])
+__all__ = ["show_solution"]  # re-exported: ``ch02.show_solution("grace")``
 
 
 # -- exercise "grace": GRACE's deferral decision --------------------------------------------
@@ -139,11 +136,9 @@ _GRACE_MISTAKES: list[tuple[Callable, str]] = [
 def check_grace_layer_output(fn, raise_on_fail: bool = False) -> CheckResult:
     """Check ``fn(query, keys, eps, values, layer_out) -> output``, GRACE's Eq. 1 per row."""
     name = "grace_layer_output"
-    if fn is reference_grace_layer_output or fn is deferral:
-        return report(
-            CheckResult(False, f"{name}: that is the package's own function; write yours."),
-            raise_on_fail,
-        )
+    refused = refusal(name, fn, (reference_grace_layer_output, deferral))
+    if refused is not None:
+        return report(refused, raise_on_fail)
     for i, args in enumerate(_grace_cases()):
         copies = tuple(a.clone() for a in args)
         out, failed = call_answer(name, fn, *copies)
@@ -176,11 +171,14 @@ def check_grace_layer_output(fn, raise_on_fail: bool = False) -> CheckResult:
     return report(CheckResult(True, f"{name}: correct on all {i + 1} cases."), raise_on_fail)
 
 
-_SOLUTIONS["grace"] = """def grace_layer_output(query, keys, eps, values, layer_out):
+add_solution(
+    "grace",
+    """def grace_layer_output(query, keys, eps, values, layer_out):
     dist = torch.cdist(query, keys)              # [N, n] Euclidean distances
     d, nearest = dist.min(-1)                     # the nearest key of each query
     inside = d <= eps[nearest]                    # within THAT key's radius
-    return torch.where(inside[:, None], values[nearest], layer_out)"""
+    return torch.where(inside[:, None], values[nearest], layer_out)""",
+)
 
 
 # -- exercise "serac": SERAC's scope decision from similarity scores ------------------------
@@ -271,11 +269,9 @@ def check_serac_route(fn, raise_on_fail: bool = False) -> CheckResult:
     from ..methods.serac import route_decision
     from .check import run_check
 
-    if fn is reference_serac_route or fn is route_decision:
-        return report(
-            CheckResult(False, "serac_route: that is the package's own function; write yours."),
-            raise_on_fail,
-        )
+    refused = refusal("serac_route", fn, (reference_serac_route, route_decision))
+    if refused is not None:
+        return report(refused, raise_on_fail)
     return run_check(
         "serac_route",
         fn,
@@ -286,22 +282,23 @@ def check_serac_route(fn, raise_on_fail: bool = False) -> CheckResult:
     )
 
 
-_SOLUTIONS["serac"] = """def serac_route(scores, threshold=0.5):
+add_solution(
+    "serac",
+    """def serac_route(scores, threshold=0.5):
     if len(scores) == 0:
         return -1                                   # nothing stored: base model
     best = max(range(len(scores)), key=lambda k: scores[k])   # retrieve: argmax_k s(z_k, x)
-    return best if scores[best] > threshold else -1           # route only when s > threshold"""
+    return best if scores[best] > threshold else -1           # route only when s > threshold""",
+)
 
 
 # -- exercises "mend" and "ig" (section 2.2): shared tensor checker --------------------------
 def _check_tensors(name, fn, reference, cases, mistakes, advice, refuse, raise_on_fail):
     """Run ``fn`` on each case against ``reference`` (tensors, compared with a tolerance);
     name a recognised mistake when the answers match it on every case."""
-    if any(fn is r for r in refuse):
-        return report(
-            CheckResult(False, f"{name}: that is the package's own function; write yours."),
-            raise_on_fail,
-        )
+    refused = refusal(name, fn, refuse)
+    if refused is not None:
+        return report(refused, raise_on_fail)
     answers = []
     for args in cases:
         out, failed = call_answer(name, fn, *args)
@@ -388,9 +385,12 @@ def check_mend_gradient(fn, raise_on_fail: bool = False) -> CheckResult:
     )
 
 
-_SOLUTIONS["mend"] = """def mend_gradient(u, delta):
+add_solution(
+    "mend",
+    """def mend_gradient(u, delta):
     # one outer product delta_t u_t^T per token, summed: (T, d_out)^T @ (T, d_in)
-    return delta.T @ u"""
+    return delta.T @ u""",
+)
 
 
 # -- exercise "ig": the integrated-gradients Riemann sum (Dai et al., 2022, Eq. 4) ----------
@@ -473,8 +473,249 @@ def check_integrated_gradients(fn, raise_on_fail: bool = False) -> CheckResult:
     )
 
 
-_SOLUTIONS["ig"] = """def integrated_gradients(f, x, steps):
+add_solution(
+    "ig",
+    """def integrated_gradients(f, x, steps):
     alphas = torch.arange(1, steps + 1, dtype=x.dtype) / steps   # k/m, k = 1..m
     scaled = (alphas[:, None] * x[None]).requires_grad_(True)    # [m, d], one batch
     (grad,) = torch.autograd.grad(f(scaled).sum(), scaled)       # rows are independent
-    return x * grad.mean(0)                                      # (x/m) * sum of gradients"""
+    return x * grad.mean(0)                                      # (x/m) * sum of gradients""",
+)
+
+
+# -- exercise "codebook" (build, section 2.1): GRACE's codebook update ------------------------
+def reference_codebook_update(
+    keys: torch.Tensor,
+    eps: torch.Tensor,
+    labels: list,
+    query: torch.Tensor,
+    label: tuple,
+    eps_init: float,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The codebook after GRACE's rules for a new edit (query ``[d]``, label a tuple of
+    target token ids), from ``keys [n, d]``, radii ``eps [n]`` and ``labels`` (one tuple a
+    key); returns new ``(keys, eps, labels)``, the inputs unchanged. With ``d`` the distance
+    to the nearest key ``i*``: no key, or ``d > ε_init + ε_i*`` → add ``(query, ε_init)``;
+    else a different label → add ``(query, d/2)`` and shrink ``ε_i*`` to ``d/2 − 1e-5``
+    (split); else the same label → ``ε_i* = max(ε_i*, d)`` (expand, no new key).
+
+    It runs :func:`medit_lite.methods.grace.update_codebook` itself on a
+    :class:`~medit_lite.methods.grace.Codebook` holding the given entries.
+    """
+    from ..methods.grace import Codebook, EditSite, GraceHParams, update_codebook
+
+    d = query.shape[-1]
+    book = Codebook(d, 1, query.device, torch.float32)
+    for key, radius, lab in zip(keys, eps, labels):
+        book.append(key, torch.zeros(1), float(radius), lab)
+    site = EditSite(
+        ids=None,
+        target_ids=torch.tensor(list(label)),
+        key_pos=0,
+        query=query.float(),
+        layer_out=None,
+    )
+    update_codebook(book, site, torch.zeros(1), GraceHParams(eps=eps_init))
+    return book.keys.detach().clone(), book.epsilons.detach().clone(), list(book.labels)
+
+
+def _codebook_streams() -> list[tuple[list, float]]:
+    """Edits (query, label) applied one after another from an empty codebook, and ε_init.
+    The first stream, in 2-D, meets every rule (comments: the rule the reference applies)."""
+    t = torch.tensor
+    a, b = (1,), (2,)
+    hand = [
+        (t([0.0, 0.0]), a),  # empty: add (ε 1)
+        (t([5.0, 0.0]), b),  # d 5 > 1 + 1: add
+        (t([0.5, 0.0]), a),  # d 0.5 ≤ ε, same label: expand does nothing (0.5 < 1)
+        (t([1.6, 0.0]), a),  # 1 < d 1.6 ≤ 2, same label: expand ε_0 to 1.6
+        (t([5.0, 1.5]), a),  # d 1.5 ≤ 2, other label: split ε_1 → 0.75, new key ε 0.75
+        (t([0.0, 2.4]), b),  # d 2.4 ≤ 1 + 1.6, other label: split ε_0 → 1.2, new ε 1.2
+        (t([9.0, 0.0]), b),  # d 4 > 1 + 0.75: add
+    ]
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(4, 6, generator=g) * 2.5
+    rand = []
+    for i in range(14):
+        c = i % 4 if i < 8 else int(torch.randint(0, 4, (1,), generator=g))
+        q = centres[c] + torch.randn(6, generator=g) * 0.7
+        lab = (c,) if torch.rand(1, generator=g) < 0.7 else (c + 10,)
+        rand.append((q, lab))
+    return [(hand, 1.0), (rand, 1.5)]
+
+
+def _codebook_cases() -> list[tuple]:
+    """Each step of each stream as one case: (keys, eps, labels, query, label, ε_init),
+    the codebook being the reference's after the earlier steps."""
+    cases = []
+    for stream, eps_init in _codebook_streams():
+        d = stream[0][0].shape[0]
+        keys, eps, labels = torch.zeros(0, d), torch.zeros(0), []
+        for query, label in stream:
+            cases.append((keys, eps, labels, query, label, eps_init))
+            keys, eps, labels = reference_codebook_update(keys, eps, labels, query, label, eps_init)
+    return cases
+
+
+def _codebook_rule(
+    keys,
+    eps,
+    labels,
+    query,
+    label,
+    eps_init,
+    reach=True,
+    split=True,
+    check_label=True,
+    new_eps=None,
+    grow_only=True,
+):
+    keys, eps, labels = keys.clone(), eps.clone(), list(labels)
+
+    def add(r):
+        return (
+            torch.cat([keys, query[None]]),
+            torch.cat([eps, torch.tensor([r])]),
+            labels + [tuple(label)],
+        )
+
+    if not len(keys):
+        return add(eps_init)
+    dist = torch.cdist(query[None].float(), keys.float())[0]
+    i = int(dist.argmin())
+    d = float(dist[i])
+    if d > (eps_init + float(eps[i]) if reach else float(eps[i])):
+        return add(eps_init)
+    if check_label and labels[i] != tuple(label):
+        if not split:
+            return add(eps_init)
+        eps[i] = d / 2 - 1e-5
+        return add(d / 2 if new_eps is None else new_eps(d, eps_init))
+    if d > float(eps[i]) or not grow_only:
+        eps[i] = d
+    return keys, eps, labels
+
+
+_CODEBOOK_MISTAKES: list[tuple[Callable, str]] = [
+    (
+        lambda *a: _codebook_rule(*a, reach=False),
+        "a new key is added only when no ball is within reach, d > ε_init + ε_i*: the new "
+        "key's own ball (radius ε_init) counts too. You compared d with ε_i* alone, so a "
+        "query just outside the nearest ball got a key of its own instead of expanding it "
+        "(or splitting it).",
+    ),
+    (
+        lambda *a: _codebook_rule(*a, split=False),
+        "on a conflict (the nearest key's label differs) both radii shrink to d/2, so that "
+        "the two balls touch and do not overlap: you added the new key with ε_init and left "
+        "the old radius alone, so the balls of two different labels overlap.",
+    ),
+    (
+        lambda *a: _codebook_rule(*a, check_label=False),
+        "compare the labels: when the nearest key holds a DIFFERENT label, expanding its ball "
+        "would answer the new edit with the old value. That is a conflict: split.",
+    ),
+    (
+        lambda *a: _codebook_rule(*a, new_eps=lambda d, e: e),
+        "on a split the new key gets radius d/2 too, not ε_init: otherwise its ball reaches "
+        "into the old key's.",
+    ),
+    (
+        lambda *a: _codebook_rule(*a, grow_only=False),
+        "expansion only grows a radius: when the query is already inside the ball "
+        "(d ≤ ε_i*), nothing changes. You set ε_i* = d and shrank it.",
+    ),
+]
+
+
+def _same_book(a, b) -> bool:
+    (k1, e1, l1), (k2, e2, l2) = a, b
+    return (
+        isinstance(k1, torch.Tensor)
+        and isinstance(e1, torch.Tensor)
+        and k1.shape == k2.shape
+        and e1.shape == e2.shape
+        and torch.allclose(k1.float(), k2.float(), atol=1e-5)
+        and torch.allclose(e1.float(), e2.float(), atol=1e-4)  # d/2 − 1e-5 or d/2: both fine
+        and [tuple(x) for x in l1] == [tuple(x) for x in l2]
+    )
+
+
+def check_codebook_update(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(keys, eps, labels, query, label, eps_init) -> (keys, eps, labels)``,
+    GRACE's rules for one new edit (:func:`reference_codebook_update`), on every step of
+    two streams of edits."""
+    from ..methods.grace import update_codebook
+
+    name = "codebook_update"
+    refused = refusal(name, fn, (reference_codebook_update, update_codebook))
+    if refused is not None:
+        return report(refused, raise_on_fail)
+    cases = _codebook_cases()
+    answers = []
+    for keys, eps, labels, query, label, eps_init in cases:
+        args = (keys.clone(), eps.clone(), list(labels), query.clone(), label, eps_init)
+        out, failed = call_answer(name, fn, *args)
+        if failed is not None:
+            return report(failed, raise_on_fail)
+        if not (isinstance(out, tuple | list) and len(out) == 3):
+            return report(
+                CheckResult(
+                    False, f"{name}: return the new codebook, a tuple (keys, eps, labels)."
+                ),
+                raise_on_fail,
+            )
+        answers.append(tuple(out))
+        if not (torch.equal(args[0], keys) and torch.equal(args[1], eps) and args[2] == labels):
+            return report(
+                CheckResult(
+                    False,
+                    f"{name}: the input codebook was modified; return a new one (clone, cat).",
+                ),
+                raise_on_fail,
+            )
+    expected = [reference_codebook_update(*case) for case in cases]
+    if all(_same_book(a, e) for a, e in zip(answers, expected)):
+        return report(
+            CheckResult(True, f"{name}: correct on all {len(cases)} steps of 2 streams."),
+            raise_on_fail,
+        )
+    for broken, hint in _CODEBOOK_MISTAKES:
+        if all(_same_book(a, broken(*case)) for a, case in zip(answers, cases)):
+            return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+    i = next(i for i, (a, e) in enumerate(zip(answers, expected)) if not _same_book(a, e))
+    keys, eps, labels, query, label, eps_init = cases[i]
+    n = len(keys)
+    return report(
+        CheckResult(
+            False,
+            f"{name}: step {i} (a codebook of {n} keys, a query with label {label}, ε_init "
+            f"{eps_init}): expected {len(expected[i][0])} keys with radii "
+            f"{[round(float(e), 3) for e in expected[i][1]]}. Find the nearest key and its "
+            "distance d; add if d > ε_init + ε_i*, else split on a different label, else expand.",
+        ),
+        raise_on_fail,
+    )
+
+
+add_solution(
+    "codebook",
+    """def codebook_update(keys, eps, labels, query, label, eps_init):
+    def add(radius):  # a new entry (query, radius, label), the old entries kept
+        return (torch.cat([keys, query[None]]), torch.cat([eps, torch.tensor([radius])]),
+                labels + [tuple(label)])
+
+    if len(keys) == 0:
+        return add(eps_init)                       # the first edit
+    dist = torch.cdist(query[None], keys)[0]
+    i = int(dist.argmin())                         # the nearest key i*
+    d = float(dist[i])
+    if d > eps_init + float(eps[i]):               # no ball within reach: a new key
+        return add(eps_init)
+    eps = eps.clone()
+    if tuple(labels[i]) != tuple(label):           # conflict: split, the balls touch
+        eps[i] = d / 2 - 1e-5
+        return add(d / 2)
+    eps[i] = max(float(eps[i]), d)                 # same label: expand (only ever grows)
+    return keys.clone(), eps, list(labels)""",
+)

@@ -5,7 +5,9 @@ Def. 3) and :func:`medit_lite.applications.privacy.tree_rank` (the rank DEPN's c
 computes, Wu et al., 2023); the bias slope a_s of DAMA's evaluation
 (:func:`medit_lite.applications.bias.bias_regression`, Limisiewicz et al., 2024) and the
 projection that removes a subspace (:func:`medit_lite.methods.dama.nullspace_projection`).
-Solutions: ``show_solution("5.1")`` ... ``show_solution("5.4")``.
+The build task, exercise 5.5: DEPN's privacy-neuron aggregator
+(:func:`medit_lite.methods.depn.aggregate`). Solutions: ``show_solution("5.1")`` ...
+``show_solution("5.5")``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from collections.abc import Callable
 import torch
 
 from ..applications.privacy import exposure, tree_rank
-from .check import CheckResult, call_answer, refusal, report, run_check
+from .check import (
+    CheckResult,
+    add_solution,
+    call_answer,
+    refusal,
+    report,
+    run_check,
+    show_solution,
+)
+
+__all__ = ["show_solution"]  # re-exported: ``ch05.show_solution("5.1")``
 
 
 def _refuse(name: str, fn: Callable, references: tuple) -> CheckResult | None:
@@ -275,27 +287,209 @@ def check_remove_subspace(fn, raise_on_fail: bool = False) -> CheckResult:
 
 
 # -- solutions ----------------------------------------------------------------------------
-_SOLUTIONS = {
-    "5.1": """def exposure_from_rank(rank, n_digits):
+add_solution(
+    "5.1",
+    """def exposure_from_rank(rank, n_digits):
     return n_digits * math.log2(10) - math.log2(rank)""",
-    "5.2": """def digit_rank(table, digits):
+)
+add_solution(
+    "5.2",
+    """def digit_rank(table, digits):
     L = len(digits)
     rank = 1
     for i, d in enumerate(digits):
         better = int((table[i] > table[i, d]).sum())  # digits more likely than the true one
         rank += better * 10 ** (L - 1 - i)            # each puts a subtree of 10^(L-1-i) ahead
     return rank""",
-    "5.3": """def bias_slope(x_s, x_f, y):
+)
+add_solution(
+    "5.3",
+    """def bias_slope(x_s, x_f, y):
     X = torch.tensor([x_s, x_f, [1.0] * len(x_s)], dtype=torch.float64).T  # with the intercept
     coef = torch.linalg.lstsq(X, torch.tensor(y, dtype=torch.float64)[:, None]).solution
     return float(coef[0])  # a_s""",
-    "5.4": """def remove_subspace(B):
+)
+add_solution(
+    "5.4",
+    """def remove_subspace(B):
     return torch.eye(B.shape[0], dtype=B.dtype) - B @ torch.linalg.pinv(B)  # I − B B⁺""",
-}
+)
 
 
-def show_solution(number: str) -> None:
-    """Print the solution of exercise ``number`` ("5.1" to "5.4")."""
-    if number not in _SOLUTIONS:
-        raise ValueError(f"no exercise {number!r}; chapter 5 has {', '.join(_SOLUTIONS)}")
-    print(_SOLUTIONS[number])
+# -- exercise 5.5 (build): DEPN's privacy-neuron aggregator --------------------------------
+def reference_aggregate_neurons(
+    scores: list[torch.Tensor],
+    layers: list[int],
+    threshold: float,
+    min_share: float,
+    z: int,
+) -> list[tuple[int, int]]:
+    """DEPN's step 2 (:func:`medit_lite.methods.depn.aggregate`). ``scores[s]`` is secret
+    ``s``'s attribution map ``[len(layers), d_mlp]`` (row ``j`` belongs to layer
+    ``layers[j]``). Per secret, keep the neurons with score ``≥ threshold × that secret's
+    max`` (a secret whose max is ≤ 0 keeps none); a neuron's frequency is the number of
+    secrets that keep it. Of the neurons kept by at least ``min_share`` of the secrets (at
+    least one), return the ``z`` most frequent as ``(layer, neuron)``; ties in frequency are
+    broken by the summed relative score ``Σ score / max`` over the secrets that keep it,
+    then by position (row-major)."""
+    from ..methods.depn import DEPNHParams, aggregate
+
+    hp = DEPNHParams(threshold=threshold, min_share=min_share, neurons=z)
+    return aggregate(scores, layers, hp)
+
+
+def _aggregate_cases() -> list[tuple]:
+    g = torch.Generator().manual_seed(9)
+    cases = []
+    for n_secrets, layers, d, threshold, share, z in (
+        (4, [3, 4, 5], 8, 0.3, 0.0, 6),
+        (5, [10, 12], 10, 0.2, 0.5, 5),
+        (3, [0, 1, 2, 3], 5, 0.5, 0.0, 4),
+    ):
+        shared = torch.rand(len(layers), d, generator=g) ** 3  # some neurons carry every secret
+        scores = []
+        for s in range(n_secrets):
+            own = torch.rand(len(layers), d, generator=g) ** 4 - 0.2
+            scale = 10.0 ** (s - 1)  # secrets on very different scales
+            scores.append(scale * (shared * (torch.rand(1, generator=g) + 0.5) + own))
+        cases.append((scores, layers, threshold, share, z))
+    # few neurons shared by most secrets, z larger than their number: min_share decides
+    layers, d = [6, 7], 6
+    scores = []
+    for s in range(5):
+        m = torch.rand(len(layers), d, generator=g) * 0.1
+        m[0, 2] = m[1, 4] = 1.0  # carried by every secret
+        m[s % 2, (s * 3) % d] = 0.9  # and one of its own
+        scores.append(m)
+    cases.append((scores, layers, 0.5, 0.6, 8))
+    return cases
+
+
+def _agg(
+    scores,
+    layers,
+    threshold,
+    share,
+    z,
+    *,
+    per_secret=True,
+    by="count",
+    layer_ids=True,
+    use_share=True,
+    use_threshold=True,
+):
+    count = torch.zeros_like(scores[0])
+    weight = torch.zeros_like(scores[0])
+    total = torch.zeros_like(scores[0])
+    top_all = max(float(s.max()) for s in scores)
+    for s in scores:
+        top = float(s.max()) if per_secret else top_all
+        if top <= 0:
+            continue
+        kept = s >= threshold * top if use_threshold else s > 0
+        count += kept
+        weight += torch.where(kept, s / top, 0.0)
+        total += torch.where(kept, s, 0.0)
+    need = max(1e-9, share * len(scores)) if use_share else 1e-9
+    eligible = count >= need
+    key = {"count": count * 1e6 + weight, "raw": total, "count_only": count}[by]
+    key = torch.where(eligible, key, -1.0).flatten()
+    n = min(z, int(eligible.sum()))
+    idx = torch.argsort(key, descending=True, stable=True)[:n]
+    d = scores[0].shape[1]
+    return [((layers[int(i) // d] if layer_ids else int(i) // d), int(i) % d) for i in idx]
+
+
+_AGGREGATE_MISTAKES: list[tuple[Callable, str]] = [
+    (
+        lambda *a: _agg(*a, per_secret=False),
+        "the threshold is relative to EACH secret's own maximum (threshold × max of that "
+        "secret's map), not to the maximum over all secrets: attributions of different "
+        "secrets live on different scales, and a global max lets one secret decide for all.",
+    ),
+    (
+        lambda *a: _agg(*a, by="raw"),
+        "rank the neurons by FREQUENCY, the number of secrets that keep them: DEPN looks for "
+        "neurons shared by many secrets; summed raw scores let one secret with large "
+        "attributions dominate.",
+    ),
+    (
+        lambda *a: _agg(*a, by="count_only"),
+        "ties in frequency are broken by the summed relative score (Σ score/max over the "
+        "secrets keeping the neuron), not by the neuron's position.",
+    ),
+    (
+        lambda *a: _agg(*a, layer_ids=False),
+        "return the layer NUMBER: row j of a score map belongs to layers[j], not to layer j.",
+    ),
+    (
+        lambda *a: _agg(*a, use_share=False),
+        "keep only the neurons kept by at least min_share of the secrets (count ≥ min_share × "
+        "number of secrets) before ranking.",
+    ),
+    (
+        lambda *a: _agg(*a, use_threshold=False),
+        "a secret keeps only the neurons with score ≥ threshold × its max, not every "
+        "neuron with a positive score.",
+    ),
+]
+
+
+def check_aggregate_neurons(fn, raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn(scores, layers, threshold, min_share, z) -> [(layer, neuron), ...]``,
+    DEPN's privacy-neuron aggregator (:func:`reference_aggregate_neurons`)."""
+    from ..methods.depn import aggregate
+
+    name = "aggregate_neurons"
+    refused = _refuse(name, fn, (reference_aggregate_neurons, aggregate))
+    if refused is not None:
+        return report(refused, raise_on_fail)
+    cases = _aggregate_cases()
+    answers = []
+    for scores, layers, threshold, share, z in cases:
+        out, failed = call_answer(
+            name, fn, [s.clone() for s in scores], list(layers), threshold, share, z
+        )
+        if failed is not None:
+            return report(failed, raise_on_fail)
+        try:
+            answers.append([(int(la), int(i)) for la, i in out])
+        except (TypeError, ValueError):
+            return report(
+                CheckResult(False, f"{name}: return a list of (layer, neuron) pairs, got {out!r}."),
+                raise_on_fail,
+            )
+    expected = [reference_aggregate_neurons(*case) for case in cases]
+    if answers == expected:
+        return report(
+            CheckResult(True, f"{name}: correct on all {len(cases)} cases."), raise_on_fail
+        )
+    for broken, hint in _AGGREGATE_MISTAKES:
+        if all(a == broken(*case) for a, case in zip(answers, cases)):
+            return report(CheckResult(False, f"{name}: {hint}"), raise_on_fail)
+    i = next(i for i, (a, e) in enumerate(zip(answers, expected)) if a != e)
+    if sorted(answers[i]) == sorted(expected[i]):
+        hint = "the right neurons in the wrong order: most frequent first, ties by Σ score/max."
+    else:
+        hint = f"expected {expected[i]}, got {answers[i]}."
+    return report(CheckResult(False, f"{name}: case {i}: {hint}"), raise_on_fail)
+
+
+add_solution(
+    "5.5",
+    """def aggregate_neurons(scores, layers, threshold, min_share, z):
+    count = torch.zeros_like(scores[0])    # how many secrets keep each neuron
+    weight = torch.zeros_like(scores[0])   # the tie-break: summed relative score
+    for s in scores:
+        top = float(s.max())
+        if top <= 0:
+            continue                       # nothing attributed: this secret keeps nothing
+        kept = s >= threshold * top        # relative to THIS secret's maximum
+        count += kept
+        weight += torch.where(kept, s / top, 0.0)
+    eligible = count >= max(1e-9, min_share * len(scores))
+    key = torch.where(eligible, count * 1e6 + weight, -1.0).flatten()
+    order = torch.argsort(key, descending=True, stable=True)[: min(z, int(eligible.sum()))]
+    d = scores[0].shape[1]
+    return [(layers[int(i) // d], int(i) % d) for i in order]""",
+)

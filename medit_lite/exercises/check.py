@@ -121,3 +121,54 @@ def call_answer(name: str, fn: Callable, *args) -> tuple[object, CheckResult | N
         return None, CheckResult(False, stub)
     except Exception as exc:
         return None, CheckResult(False, f"{name} raised {type(exc).__name__}: {exc}")
+
+
+# -- solutions: one registry for every chapter -------------------------------------------
+SOLUTIONS: dict[str, str] = {}
+"""Solution source of each exercise, by key ("1.1", "grace", ...); filled by the chapter
+modules when they are imported (:func:`add_solution`)."""
+
+_CHAPTERS = ("ch01", "ch02", "ch03", "ch04", "ch05")
+
+
+def add_solution(key: str, source: str) -> None:
+    """Register the solution ``source`` (Python code defining one function) as ``key``."""
+    if key in SOLUTIONS and SOLUTIONS[key] != source:
+        raise ValueError(f"two different solutions registered as {key!r}")
+    SOLUTIONS[key] = source
+
+
+def _lookup(key: str) -> str:
+    if key not in SOLUTIONS:  # a key of a chapter module not imported yet
+        import importlib
+
+        for name in _CHAPTERS:
+            importlib.import_module(f"{__package__}.{name}")
+    if key not in SOLUTIONS:
+        raise ValueError(f"no exercise {key!r}; the exercises are {', '.join(SOLUTIONS)}")
+    return SOLUTIONS[key]
+
+
+def show_solution(key: str) -> None:
+    """Print the solution of exercise ``key`` (e.g. ``"1.1"``, ``"4.4"``, ``"grace"``).
+
+    The solutions live in :mod:`medit_lite.exercises`, not in the notebooks, so that they
+    stay hidden until asked for (Colab shows every cell of a notebook).
+    """
+    print(_lookup(key))
+
+
+def solution(key: str) -> Callable:
+    """The solution of exercise ``key`` as a function (for the pages' hidden checks), built
+    from its source; a fresh function, so the checkers treat it as a student's answer."""
+    import math as _math
+
+    import torch
+
+    namespace: dict = {"torch": torch, "math": _math}
+    source = _lookup(key)
+    exec(compile(source, f"<solution {key}>", "exec"), namespace)  # noqa: S102
+    defined = [v for k, v in namespace.items() if k not in ("torch", "math") and callable(v)]
+    if not defined:
+        raise ValueError(f"solution {key!r} defines no function")
+    return defined[-1]
