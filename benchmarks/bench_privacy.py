@@ -10,6 +10,7 @@ Timings are wall-clock seconds on the machine that ran it (see ``machine`` in th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def facts(lm) -> list[dict]:
     ]
 
 
-def pipeline(lm, args, seed: int, sweep: bool) -> dict:
+def pipeline(lm, args, seed: int, sweep: bool, extra: dict | None = None) -> dict:
     canaries = pv.make_canaries(per_repeat=args.per_repeat, repeats=(1, 4, 16), seed=seed)
     never = pv.make_canaries(per_repeat=args.per_repeat, repeats=(0,), seed=seed + 1000)
     train, heldout = pv.wikibio_passages(args.passages, 100)
@@ -113,28 +114,52 @@ def pipeline(lm, args, seed: int, sweep: bool) -> dict:
         t0 = time.perf_counter()
         scores = depn.attribute(lm, reqs, hp)
         res["detect_seconds"] = time.perf_counter() - t0
+        controls = {0: []}
+        for k in (c for c in args.contrasts if c):  # the project's contrast variant
+            t0 = time.perf_counter()
+            controls[k] = depn.attribute(lm, depn.control_requests(reqs, k, hp.seed), hp)
+            res[f"detect_seconds_contrast{k}"] = time.perf_counter() - t0
         res["depn_layers"] = list(layers)
         zs = args.z if sweep else args.unseen_z
         res["sweep"] = []
-        for z in zs:
-            chosen = depn.aggregate(scores, list(layers), depn.DEPNHParams(neurons=z))
+        done: dict = {}  # neuron set -> its measured row (a larger z may add no neuron)
+        settings = [(c, t, z) for c in args.contrasts for t in args.thresholds for z in zs]
+        if extra and (extra["contrast"], extra["threshold"], extra["z"]) not in settings:
+            settings.append((extra["contrast"], extra["threshold"], extra["z"]))
+        for contrast, threshold, z in settings:
+            hp_z = depn.DEPNHParams(neurons=z, threshold=threshold, contrast=contrast)
+            chosen = depn.aggregate(scores, list(layers), hp_z, controls[contrast])
             for kind, neurons in (
                 ("depn", chosen),
                 ("random", depn.random_neurons(lm, chosen, 42)),
             ):
-                t0 = time.perf_counter()
-                with depn.erased(lm, neurons):
-                    row = {"z": z, "kind": kind, "neurons": [list(n) for n in neurons]}
-                    row["count"] = len(neurons)
-                    row["erase_seconds"] = time.perf_counter() - t0
-                    row["exposure"] = pv.exposures(lm, canaries)
-                    row["extracted"] = pv.extraction_rate(lm, canaries)
-                    row["perplexity"] = pv.perplexity(lm, heldout, max_length=training.max_tokens)
-                    if z == args.default_z:
-                        row["facts"] = facts(lm)
+                key = (kind, tuple(map(tuple, neurons)))
+                row = {"z": z, "threshold": threshold, "contrast": contrast, "kind": kind}
+                row["neurons"] = [list(n) for n in neurons]
+                row["count"] = len(neurons)
+                if key in done:
+                    row |= {k: v for k, v in done[key].items() if k not in row}
+                    row["same_as"] = {k: done[key][k] for k in ("z", "threshold", "contrast")}
+                else:
+                    row |= erased_measures(lm, neurons, canaries, heldout, training)
+                    if (z, threshold, contrast) == (args.default_z, args.default_threshold, 0):
+                        with depn.erased(lm, neurons):
+                            row["facts"] = facts(lm)
+                    done[key] = row
                 res["sweep"].append(row)
-                print(_summary_row(res, row))
+                print(_summary_row(res, row), flush=True)
     return res
+
+
+def erased_measures(lm, neurons, canaries, heldout, training) -> dict:
+    """Exposure, extraction and held-out perplexity with ``neurons`` deactivated."""
+    t0 = time.perf_counter()
+    with depn.erased(lm, neurons):
+        row = {"erase_seconds": time.perf_counter() - t0}
+        row["exposure"] = pv.exposures(lm, canaries)
+        row["extracted"] = pv.extraction_rate(lm, canaries)
+        row["perplexity"] = pv.perplexity(lm, heldout, max_length=training.max_tokens)
+    return row
 
 
 def _by(res, values, repeats):
@@ -144,7 +169,10 @@ def _by(res, values, repeats):
 def _summary_row(res, row) -> dict:
     return {
         "z": row["z"],
+        "threshold": row.get("threshold", 0.1),
+        "contrast": row.get("contrast", 0),
         "kind": row["kind"],
+        "count": row["count"],
         "exposure16": round(_by(res, row["exposure"], 16), 2),
         "extraction16": _by(res, [float(x) for x in row["extracted"]], 16),
         "perplexity": round(row["perplexity"], 3),
@@ -163,34 +191,61 @@ def main() -> None:
     p.add_argument("--min-match", type=int, default=32)
     p.add_argument("--per-repeat", type=int, default=4)
     p.add_argument("--passages", type=int, default=48)
-    p.add_argument("--z", type=int, nargs="+", default=[5, 20, 50, 100])
+    p.add_argument("--z", type=int, nargs="+", default=[5, 10, 20, 30, 50, 100])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.05])
+    p.add_argument(
+        "--contrasts",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="control secrets per secret (0 = DEPN as published; k > 0 the contrast variant)",
+    )
     p.add_argument("--default-z", type=int, default=depn.DEPNHParams().neurons)
+    p.add_argument("--default-threshold", type=float, default=depn.DEPNHParams().threshold)
     p.add_argument("--unseen-seed", type=int, default=1)
     p.add_argument("--rank-nodes", type=int, default=300)
-    p.add_argument("--unseen-z", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--unseen-z", type=int, nargs="+", default=[20, 50, 100])
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["memorisation", "extraction", "canaries", "unseen"],
+        help="what to run; the other parts are kept from the existing results/privacy.json",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     lm = load_model(args.model)
-    out: dict = {"model": lm.name, "args": vars(args)}
-    t0 = time.perf_counter()
-    out["memorisation"] = memorisation(lm, args)
-    out["memorisation_seconds"] = time.perf_counter() - t0
-    train, heldout = pv.wikibio_passages(args.passages, 100)
-    reference = dict(pv.licence_texts()) | {
-        f"wikibio {i}": t for i, t in enumerate(train + heldout)
-    }
-    out["extraction"] = extraction(lm, args, reference)
-    t0 = time.perf_counter()
-    out["canaries"] = pipeline(lm, args, seed=0, sweep=True)
-    out["canaries"]["seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out["unseen"] = pipeline(lm, args, seed=args.unseen_seed, sweep=False)
-    out["unseen"]["seconds"] = time.perf_counter() - t0
+    path = Path(__file__).resolve().parent / "results" / "privacy.json"
+    out: dict = json.loads(path.read_text()) if path.exists() else {}
+    out.pop("machine", None)
+    out["model"], out["args"] = lm.name, vars(args)
+    if "memorisation" in args.parts:
+        t0 = time.perf_counter()
+        out["memorisation"] = memorisation(lm, args)
+        out["memorisation_seconds"] = time.perf_counter() - t0
+    if "extraction" in args.parts:
+        train, heldout = pv.wikibio_passages(args.passages, 100)
+        reference = dict(pv.licence_texts()) | {
+            f"wikibio {i}": t for i, t in enumerate(train + heldout)
+        }
+        out["extraction"] = extraction(lm, args, reference)
+    for name, seed in (("canaries", 0), ("unseen", args.unseen_seed)):
+        if name in args.parts:
+            t0 = time.perf_counter()
+            extra = out.get("chosen_setting") if name == "unseen" else None
+            out[name] = pipeline(lm, args, seed=seed, sweep=name == "canaries", extra=extra)
+            out[name]["seconds"] = time.perf_counter() - t0
+        if name == "canaries" and name in out:  # chosen here, applied unchanged to "unseen"
+            cb = out["canaries"]
+            out["chosen_setting"] = pv.choose_setting(
+                cb["sweep"], cb["repeats"], cb["perplexity_before"]
+            )
+            print("operating point chosen on the development canaries:", out["chosen_setting"])
     for name in ("canaries", "unseen"):
         print(f"\n{name}:")
         print_table([_summary_row(out[name], r) for r in out[name]["sweep"]],
-                    ["z", "kind", "exposure16", "extraction16", "perplexity"])  # fmt: skip
+                    ["z", "threshold", "contrast", "kind", "count", "exposure16", "extraction16",
+                     "perplexity"])  # fmt: skip
     save("privacy", out)
 
 

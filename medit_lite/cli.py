@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--repeats", type=int, default=16, help="copies of each secret fine-tuned in")
     q.add_argument("--method", default=None, choices=["depn"], help="erase the secrets with it")
     q.add_argument("--neurons", type=int, default=None, help="neurons DEPN deactivates (z)")
+    q.add_argument(
+        "--contrast", type=int, default=0,
+        help="control secrets per secret whose neurons are discounted (0 = DEPN as published)",
+    )  # fmt: skip
     q.add_argument("--json", default=None, help="write the results to this file")
 
     r = sub.add_parser("train", help="train what a method needs before editing, and cache it")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "privacy":
-        canaries = _read_secrets(args.secrets, args.repeats, args.neurons)
+        canaries = _read_secrets(args.secrets, args.repeats, args.neurons, args.contrast)
 
     from .models import load_model
 
@@ -223,7 +227,7 @@ def _trace(lm, args) -> int:
     return 0
 
 
-def _read_secrets(path: str, repeats: int, neurons: int | None) -> list:
+def _read_secrets(path: str, repeats: int, neurons: int | None, contrast: int = 0) -> list:
     """The secrets file as canaries, or SystemExit naming what is wrong (before loading
     the model)."""
     from .applications.privacy import Canary, check_secret
@@ -232,6 +236,8 @@ def _read_secrets(path: str, repeats: int, neurons: int | None) -> list:
         raise SystemExit("privacy: --repeats must be at least 1")
     if neurons is not None and neurons < 1:
         raise SystemExit("privacy: --neurons must be at least 1")
+    if contrast < 0:
+        raise SystemExit("privacy: --contrast must be 0 or more")
     try:
         with open(path, encoding="utf-8") as f:
             raw = f.read()
@@ -258,7 +264,10 @@ def _privacy(lm, args, canaries) -> int:
     train, heldout = wikibio_passages()
     if not heldout:
         raise SystemExit("privacy: needs ../shared/data/hallucination_edit.json (WikiBio)")
-    out = canary_pipeline(lm, canaries, train, heldout, method=args.method, neurons=args.neurons)
+    extra = {"contrast": args.contrast} if args.method == "depn" and args.contrast else {}
+    out = canary_pipeline(
+        lm, canaries, train, heldout, method=args.method, neurons=args.neurons, **extra
+    )
     for i, c in enumerate(canaries):
         after = (
             ""

@@ -27,6 +27,22 @@ def test_aggregate_follows_depn():
     assert aggregate(scores, [5, 7], DEPNHParams(neurons=1, threshold=1.0)) == [(5, 0)]
 
 
+def test_contrast_discounts_neurons_that_controls_keep_too():
+    a = torch.tensor([[10.0, 0.5, 2.0, 0.0], [0.0, 1.5, 0.0, 0.0]])
+    b = torch.tensor([[4.0, 0.0, 0.0, 0.1], [0.0, 3.0, 0.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.2, 0.0, 8.0]])
+    # the controls (other numbers after the same texts) keep (0,0) as often as the secrets
+    controls = [torch.tensor([[9.0, 0, 0, 0], [0, 0, 0, 0]])] * 2 + [torch.zeros(2, 4)]
+    hp = DEPNHParams(neurons=3, contrast=1)
+    chosen = aggregate([a, b, c], [5, 7], hp, controls)
+    assert (5, 0) not in chosen and chosen == [(7, 1), (7, 3), (5, 2)]
+    reqs = [secret_request("Call me at 1 2 3 4 now", "1 2 3 4")]
+    ctl = depn.control_requests(reqs, 3, seed=0)
+    assert len(ctl) == 3 and all(r.text == reqs[0].text for r in ctl)
+    assert all(len(r.target_new) == 7 and r.target_new[1::2] == "   " for r in ctl)
+    assert ctl == depn.control_requests(reqs, 3, seed=0) and len({r.target_new for r in ctl}) > 1
+
+
 def test_registered_and_bad_hparams(lm, unchanged):
     assert get_method("depn").hparams is DEPNHParams
     req = secret_request("Ada Falkner's PIN is 4 7 2.", "4 7 2")
@@ -71,6 +87,14 @@ def test_depn_erases_a_canary_and_restores(lm, unchanged, cache, monkeypatch):
             control = pv.exposures(lm, canaries)[0]
         assert sorted(la for la, _ in randoms) == sorted(la for la, _ in chosen)
         assert not set(randoms) & set(chosen)
+        with edit(lm, requests, "depn", layers=layers, neurons=10, steps=8, contrast=1) as var:
+            contrasted = var.info[0]["neurons"]
+            erased_contrast = pv.exposures(lm, canaries)[0]
+        for n, p in lm.model.named_parameters():
+            if n in weights:
+                assert torch.equal(p, weights[n])
+    assert 0 < len(contrasted) <= 10 and contrasted != chosen
+    assert erased_contrast < before - 3, (before, erased_contrast)
     assert before > 10
     assert erased < before - 3, (before, erased, control)
     assert erased < control

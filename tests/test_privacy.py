@@ -121,3 +121,24 @@ def test_bad_input_errors(lm, unchanged):
         pv.discoverable_memorization(lm, ["a b c"], prefix_tokens=0)
     with pytest.raises(ValueError, match="tokens"):
         pv.discoverable_memorization(lm, ["short"], prefix_tokens=32)
+
+
+def test_choose_setting_takes_the_lowest_exposure_within_the_perplexity_bound():
+    reps = [1, 16, 16]
+
+    def row(z, contrast, exp16, ppl, kind="depn", count=None):
+        exposure = [5.0, exp16, exp16]
+        return {"z": z, "threshold": 0.1, "contrast": contrast, "kind": kind,
+                "count": count or z, "exposure": exposure, "perplexity": ppl}  # fmt: skip
+
+    sweep = [
+        row(10, 0, 20.0, 10.2),
+        row(20, 0, 5.0, 12.0),  # lowest exposure, but perplexity +20 %
+        row(20, 1, 8.0, 10.4),
+        row(30, 1, 8.0, 10.5, count=25),  # as low, more neurons asked, fewer found
+        row(20, 0, 1.0, 10.0, kind="random"),
+    ]
+    assert pv.choose_setting(sweep, reps, 10.0) == {"z": 20, "threshold": 0.1, "contrast": 1}
+    assert pv.choose_setting(sweep, reps, 10.0, max_perplexity_increase=0.3)["z"] == 20
+    assert pv.choose_setting(sweep, reps, 10.0, 0.3)["contrast"] == 0
+    assert pv.choose_setting(sweep, reps, 5.0) is None

@@ -605,7 +605,8 @@ def _trained_names(lm: LM, n_layers: int) -> list[str]:
 
 
 def _cache_key(lm: LM, names, texts, hp: CanaryTraining) -> str:
-    h = hashlib.sha256(json.dumps([lm.name, asdict(hp), list(texts)]).encode())
+    # "train": the loop (training.train's batch order since it replaced a private loop)
+    h = hashlib.sha256(json.dumps([lm.name, asdict(hp), list(texts), "train"]).encode())
     params = dict(lm.model.named_parameters())
     for n in names:  # the starting weights, so an edited model gets its own entry
         h.update(params[n].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -623,7 +624,11 @@ def _corpus(lm, canaries, passages, hp) -> list[list[int]]:
 
 
 def _train(lm: LM, seqs: list[list[int]], names: list[str], hp: CanaryTraining) -> list[float]:
-    """Causal-LM loss on every token, Adam on the last layers; the layers below run once."""
+    """Causal-LM loss on every token, Adam on the last layers (the package's one loop,
+    :func:`medit_lite.training.train`, over sequence indices: ``epochs`` passes' worth of
+    mini-batches); the layers below the trained ones run once per sequence."""
+    from ..training import train
+
     first = lm.n_layers - hp.layers
     pad = lm.tokenizer.pad_token_id
 
@@ -644,46 +649,45 @@ def _train(lm: LM, seqs: list[list[int]], names: list[str], hp: CanaryTraining) 
         hidden += (
             [h[r, : len(s)] for r, s in enumerate(rows)] if h is not None else [None] * len(rows)
         )
+
+    def loss_fn(rows: list[int]) -> torch.Tensor:
+        ids, mask = batch_of([seqs[r] for r in rows])
+        entry = None
+        if hidden[0] is not None:
+            entry = torch.zeros(len(rows), ids.shape[1], lm.d_model, dtype=lm.dtype)
+            for k, r in enumerate(rows):
+                entry[k, : len(seqs[r])] = hidden[r]
+            entry = entry.to(lm.device)
+        with replay_layers(lm, first, entry):
+            normed = final_hidden(
+                lm, detach=False, input_ids=ids, attention_mask=mask, use_cache=False
+            )
+            keep = mask[:, 1:].bool()
+            logits = lm.module("unembed")(normed[:, :-1][keep])
+            return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep])
+
     params = dict(lm.model.named_parameters())
     weights = [params[n] for n in names]
     for w in weights:
         w.requires_grad_(True)
-    optimizer = torch.optim.Adam(weights, lr=hp.lr)
-    rng = random.Random(hp.seed)
-    order = list(range(len(seqs)))
-    losses = []
     steps = hp.epochs * math.ceil(len(seqs) / hp.batch_size)
-    bar = progress(total=steps, desc="canary fine-tune")
     try:
-        for _ in range(hp.epochs):
-            rng.shuffle(order)
-            for start in range(0, len(order), hp.batch_size):
-                rows = order[start : start + hp.batch_size]
-                ids, mask = batch_of([seqs[r] for r in rows])
-                entry = None
-                if hidden[0] is not None:
-                    entry = torch.zeros(len(rows), ids.shape[1], lm.d_model, dtype=lm.dtype)
-                    for k, r in enumerate(rows):
-                        entry[k, : len(seqs[r])] = hidden[r]
-                    entry = entry.to(lm.device)
-                with torch.enable_grad(), replay_layers(lm, first, entry):
-                    normed = final_hidden(
-                        lm, detach=False, input_ids=ids, attention_mask=mask, use_cache=False
-                    )
-                    keep = mask[:, 1:].bool()
-                    logits = lm.module("unembed")(normed[:, :-1][keep])
-                    loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
+        with torch.enable_grad():
+            log = train(
+                weights,
+                loss_fn,
+                list(range(len(seqs))),
+                steps=steps,
+                batch_size=hp.batch_size,
+                lr=hp.lr,
+                seed=hp.seed,
+                desc="canary fine-tune",
+            )
     finally:
-        bar.close()
         for w in weights:
             w.requires_grad_(False)
             w.grad = None
-    return losses
+    return log.losses
 
 
 @contextmanager
@@ -835,24 +839,65 @@ def plot_memorisation_curve(repeats: Sequence[int], curves: dict[str, Sequence[f
     return ax.figure
 
 
+def _setting(row: dict) -> tuple[int, float]:
+    """(contrast, threshold) of a sweep row (older rows: DEPN's defaults)."""
+    return row.get("contrast", 0), row.get("threshold", 0.1)
+
+
+def choose_setting(
+    sweep: Sequence[dict], repeats: Sequence[int], perplexity_before: float,
+    max_perplexity_increase: float = 0.05,
+) -> dict | None:  # fmt: skip
+    """The sweep's operating point: among the DEPN rows (either aggregation) whose held-out
+    perplexity rose by at most ``max_perplexity_increase``, the one with the lowest mean
+    exposure of the most repeated canaries (fewer neurons first on ties). Returns
+    ``{"z", "threshold", "contrast"}``, or None when no row keeps perplexity within bounds.
+    Chosen on development canaries, then applied unchanged to other secrets."""
+    most = max(repeats)
+    bound = (1 + max_perplexity_increase) * perplexity_before
+    ok = [r for r in sweep if r["kind"] == "depn" and r["perplexity"] <= bound]
+    if not ok:
+        return None
+    best = min(
+        ok,
+        key=lambda r: (_mean(e for e, n in zip(r["exposure"], repeats) if n == most), r["count"]),
+    )
+    contrast, threshold = _setting(best)
+    return {"z": best["z"], "threshold": threshold, "contrast": contrast}
+
+
 def plot_privacy_utility(sweep: Sequence[dict], repeats: Sequence[int], base_perplexity: float):
     """The z sweep: mean exposure of the most repeated canaries (left) and held-out
-    perplexity (right) against the number of deactivated neurons, DEPN vs random."""
+    perplexity (right) against the number of neurons actually deactivated (a z larger than
+    the neurons any secret keeps adds none): DEPN, the contrast variant where the sweep
+    has it, and as many random neurons."""
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.4))
     most = max(repeats)
-    for kind, style in (("depn", "o-"), ("random", "s--")):
-        rows = [r for r in sweep if r["kind"] == kind]
-        zs = [r["z"] for r in rows]
-        exp = [_mean(e for e, n in zip(r["exposure"], repeats) if n == most) for r in rows]
-        a.plot(zs, exp, style, label="DEPN neurons" if kind == "depn" else "random neurons")
-        b.plot(zs, [r["perplexity"] for r in rows], style, label=kind)
+    settings = sorted({_setting(r) for r in sweep})
+    thresholds = {t for _, t in settings}
+    for contrast, threshold in settings:
+        for kind, style in (("depn", "o-"), ("random", "s--")):
+            if kind == "random" and contrast:
+                continue  # one random control line is enough: it moves nothing
+            rows = [r for r in sweep if r["kind"] == kind and _setting(r) == (contrast, threshold)]
+            rows = sorted({r["count"]: r for r in rows}.values(), key=lambda r: r["count"])
+            if kind == "random":
+                label = "random neurons"
+            else:
+                label = "DEPN" if not contrast else f"contrast variant ({contrast} control)"
+            if len(thresholds) > 1:
+                label += f", threshold {threshold:g}"
+            counts = [r["count"] for r in rows]
+            exp = [_mean(e for e, n in zip(r["exposure"], repeats) if n == most) for r in rows]
+            a.plot(counts, exp, style, label=label)
+            b.plot(counts, [r["perplexity"] for r in rows], style, label=label)
     b.axhline(base_perplexity, color="grey", lw=0.8, label="before erasing")
     for ax, ylabel in ((a, f"mean exposure, {most}x canaries (bits)"), (b, "held-out perplexity")):
         ax.set_xscale("log")
-        ax.set_xlabel("neurons deactivated (z)")
+        ax.set_xlabel("neurons deactivated")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+    a.legend(fontsize=7)
     fig.tight_layout()
     return fig

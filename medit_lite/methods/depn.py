@@ -29,6 +29,15 @@ DEPN has three steps, each following the authors' code (``flamewei123/DEPN``, ``
    for phone numbers in its README). ``random=True`` is the code's ``do_random_kn``
    control: as many neurons, in the same layers, at random positions.
 
+**A variant of this project** (off by default: ``contrast=0`` is DEPN as published):
+``contrast=k`` also attributes, for each secret, ``k`` *control* secrets, the same text
+with the secret's digits replaced by seeded random digits (:func:`control_requests`), and
+ranks neurons by how many secrets keep them *minus* how many controls keep them, keeping
+only those ahead (> 0). A neuron that scores high for every number after that prefix
+carries the format ("a phone number comes next"), not this secret; zeroing it costs
+perplexity on any text with numbers without erasing more of the secret.
+``benchmarks/bench_privacy.py`` measures both on the same canaries.
+
 ``restore()`` brings back the columns bit for bit (``edit()`` backs up the MLP output
 matrices of the searched layers). A request is ``EditRequest(prompt="{}",
 subject=<text before the secret>, target_new=<secret>)``, see :func:`secret_request`;
@@ -41,7 +50,7 @@ import random as _random
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,6 +72,9 @@ class DEPNHParams:
     neurons: int = 20  # z: how many neurons to deactivate (erase_kn_num)
     random: bool = False  # the control: as many random neurons in the same layers
     seed: int = 42
+    #: this project's variant: control secrets per secret whose kept neurons are discounted
+    #: (0 = DEPN as published; see the module docstring)
+    contrast: int = 0
 
     @classmethod
     def for_model(cls, lm: LM) -> DEPNHParams:
@@ -78,6 +90,8 @@ class DEPNHParams:
             raise ValueError("hyperparameter min_share must lie in [0, 1]")
         if self.neurons < 1:
             raise ValueError("hyperparameter neurons must be at least 1")
+        if self.contrast < 0:
+            raise ValueError("hyperparameter contrast must be 0 (DEPN) or a positive count")
 
     def searched(self, lm: LM) -> list[int]:
         return sorted(self.layers) if self.layers else list(range(lm.n_layers))
@@ -130,28 +144,59 @@ def attribute(lm: LM, requests: Sequence[EditRequest], hp: DEPNHParams) -> list[
     return out
 
 
-def aggregate(
-    scores: Sequence[torch.Tensor], layers: Sequence[int], hp: DEPNHParams
-) -> list[tuple[int, int]]:
-    """Step 2: per secret the neurons with score >= threshold × that secret's max, counted
-    across secrets; those kept by >= ``min_share`` of the secrets, the ``neurons`` most
-    frequent first. Returns (layer, neuron) pairs."""
+def kept_counts(
+    scores: Sequence[torch.Tensor], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per neuron: in how many score maps it scores >= ``threshold`` × that map's max, and
+    the summed relative score of those (the tie-break)."""
     count = torch.zeros_like(scores[0])
     weight = torch.zeros_like(scores[0])
     for s in scores:
         top = float(s.max())
         if top <= 0:
             continue
-        kept = s >= hp.threshold * top
+        kept = s >= threshold * top
         count += kept
         weight += torch.where(kept, s / top, 0.0)
+    return count, weight
+
+
+def aggregate(
+    scores: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    hp: DEPNHParams,
+    controls: Sequence[torch.Tensor] = (),
+) -> list[tuple[int, int]]:
+    """Step 2: per secret the neurons with score >= threshold × that secret's max, counted
+    across secrets; those kept by >= ``min_share`` of the secrets, the ``neurons`` most
+    frequent first. Returns (layer, neuron) pairs.
+
+    ``controls`` (the ``contrast`` variant): score maps of control secrets; a neuron's
+    frequency among them is subtracted, and only neurons left ahead (> 0) are eligible."""
+    count, weight = kept_counts(scores, hp.threshold)
     need = max(1e-9, hp.min_share * len(scores))
     eligible = count >= need
-    key = torch.where(eligible, count * 1e6 + weight, -1.0).flatten()
+    if controls:
+        control_count, _ = kept_counts(controls, hp.threshold)
+        count = count - control_count * (len(scores) / len(controls))
+        eligible &= count > 0
+    key = torch.where(eligible, count * 1e6 + weight, -float("inf")).flatten()
     n = min(hp.neurons, int(eligible.sum()))
     idx = torch.argsort(key, descending=True, stable=True)[:n]
     d = scores[0].shape[1]
     return [(layers[int(i) // d], int(i) % d) for i in idx]
+
+
+def control_requests(requests: Sequence[EditRequest], per_request: int, seed: int):
+    """For each request, ``per_request`` copies whose secret's digits are replaced by seeded
+    random digits (the same text, the same format, another number)."""
+    rng = _random.Random(seed)
+    out = []
+    for r in requests:
+        for _ in range(per_request):
+            digits = "".join(str(rng.randrange(10)) if ch.isdigit() else ch for ch in r.target_new)
+            out.append(replace(r, target_new=digits))
+    return out
 
 
 def random_neurons(lm: LM, chosen: Sequence[tuple[int, int]], seed: int) -> list[tuple[int, int]]:
@@ -199,7 +244,10 @@ def _weights(lm: LM, hp: DEPNHParams) -> list[str]:
 def apply_depn(lm: LM, requests: list[EditRequest], hp: DEPNHParams) -> dict:
     """DEPN: erase memorised secrets by zeroing their privacy neurons (Wu et al., 2023)."""
     layers = hp.searched(lm)
-    chosen = aggregate(attribute(lm, requests, hp), layers, hp)
+    controls = []
+    if hp.contrast:
+        controls = attribute(lm, control_requests(requests, hp.contrast, hp.seed), hp)
+    chosen = aggregate(attribute(lm, requests, hp), layers, hp, controls)
     if hp.random:
         chosen = random_neurons(lm, chosen, hp.seed)
     erase(lm, chosen)
