@@ -69,13 +69,15 @@ def _memit_reusing_targets(lm, requests, hp):
     return info
 
 
-def memit_batch(lm, requests, ge_tokens: int = 0) -> dict:
+def memit_batch(lm, requests, ge_tokens: int = 0, ge_protocol: str = "rome") -> dict:
     """All ``requests`` written by one MEMIT call, scored (GE too with ``ge_tokens``),
     then restored."""
     reused = sum(_key(r) in Z_CACHE for r in requests)
     reference = locality_reference(lm, requests)
     with edit(lm, requests, "memit-reuse-z") as res:
-        rows = score_requests(lm, requests, reference, generation_tokens=ge_tokens)
+        rows = score_requests(
+            lm, requests, reference, generation_tokens=ge_tokens, generation_protocol=ge_protocol
+        )
         info = {k: v for k, v in res.info[0].items() if k not in ("targets", "p_target")}
     return {"method": "memit", "n": len(requests), "sequential": False,
             "metrics": summarize(rows), "seconds_total": res.seconds, "targets_reused": reused,
@@ -102,7 +104,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--counts", type=int, nargs="*", default=[10, 100, 300])
     parser.add_argument(
-        "--ge-tokens", type=int, default=0, help="GE: tokens generated per prompt (0: no GE)"
+        "--ge-tokens",
+        type=int,
+        default=0,
+        help="GE: tokens per generation (0: no GE; ROME's protocol uses 100 in all)",
+    )
+    parser.add_argument(
+        "--ge-protocol",
+        default="rome",
+        choices=["rome", "greedy"],
+        help="GE protocol: ROME's (every generation prompt, top-5 sampling, seeded) or greedy",
     )
     parser.add_argument(
         "--baseline-limit",
@@ -143,7 +154,12 @@ def main() -> None:
     for method, reqs in jobs:
         if (method, len(reqs)) in done:
             continue
-        r = evaluate(lm, reqs, method, generation_tokens=args.ge_tokens, check_restore=True)
+        r = evaluate(
+            lm, reqs, method, generation_tokens=args.ge_tokens,
+            generation_protocol=args.ge_protocol, check_restore=True,
+        )  # fmt: skip
+        if args.ge_tokens:
+            r["ge_protocol"] = args.ge_protocol
         out["independent"].append(_strip(r))
         done.add((method, len(reqs)))
         print(format_table([r]), flush=True)
@@ -155,7 +171,8 @@ def main() -> None:
         curve = curves.setdefault(str(n), {})
         if "MEMIT (batch)" not in curve:
             t0 = time.perf_counter()
-            curve["MEMIT (batch)"] = memit_batch(lm, requests[:n], args.ge_tokens) | {
+            batch = memit_batch(lm, requests[:n], args.ge_tokens, args.ge_protocol)
+            curve["MEMIT (batch)"] = batch | {
                 "label": "MEMIT (batch)", "wall_seconds": time.perf_counter() - t0}  # fmt: skip
             print(n, "MEMIT", curve["MEMIT (batch)"]["metrics"], flush=True)
             write()

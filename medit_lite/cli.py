@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--every", type=int, default=10, help="--sequential: checkpoint every N edits")
     v.add_argument("--ge-tokens", type=int, default=0, help="tokens generated for GE (0: skip)")
+    v.add_argument(
+        "--ge-protocol", default="greedy", choices=["greedy", "rome"],
+        help="GE: greedy continuations (cheap) or ROME's top-5 sampling to --ge-tokens in all",
+    )  # fmt: skip
     v.add_argument("--json", default=None, help="write the results to this file")
 
     t = sub.add_parser("trace", help="causal trace of one fact: where is it recalled?")
@@ -341,6 +345,7 @@ def _eval(lm, args, overrides) -> int:
         args.method,
         sequential=args.sequential,
         generation_tokens=args.ge_tokens,
+        generation_protocol=args.ge_protocol,
         every=args.every,
         **overrides,
     )

@@ -24,6 +24,7 @@ def evaluate(
     *,
     sequential: bool = False,
     generation_tokens: int = 0,
+    generation_protocol: str = "greedy",
     check_restore: bool = False,
     every: int = 10,
     checkpoints: Sequence[int] | None = None,
@@ -38,11 +39,18 @@ def evaluate(
     with checkpoints every ``every`` edits or at the counts in ``checkpoints``; with
     ``score_checkpoints=True`` each checkpoint also holds, under ``"extra"``, the averaged
     metrics of the requests edited so far (ES/PS/NS... as the model stands then).
+    ``generation_tokens``/``generation_protocol``: GE, see
+    :func:`medit_lite.metrics.score_requests` (``"rome"`` is the paper's protocol).
     """
     requests = list(requests)
     reference = locality_reference(lm, requests)
     before = weights_fingerprint(lm) if check_restore else None
-    score = lambda reqs, ref: score_requests(lm, reqs, ref, generation_tokens)  # noqa: E731
+
+    def score(reqs, ref):
+        return score_requests(
+            lm, reqs, ref, generation_tokens, generation_protocol=generation_protocol
+        )
+
     seconds: list[float] = []
     stream = None
     if method == "none":

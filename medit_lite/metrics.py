@@ -12,6 +12,12 @@ as in ROME's evaluation code):
   beating the new object: ``P(o^c) > P(o*)``, magnitude ``P(o^c) - P(o*)`` (locality).
 * GE, generation entropy: a weighted mean of bigram and trigram entropies of text
   generated from the subject (weights 2/3, 4/3, in bits); low means repetitive text.
+  Two protocols, named apart (:data:`GE_PROTOCOLS`): ``"rome"``, the paper's (ROME's
+  ``test_generation``: every generation prompt, top-5 sampling to 100 tokens in all,
+  seeded here, the prompt's text included, case kept; :func:`rome_generation_entropy`),
+  which the benchmark tables use, and ``"greedy"``, a cheap one for pages (greedy
+  continuations of a few prompts, lower-cased words; :func:`generation_entropy`). Their
+  values are not comparable with each other.
 
 **EasyEdit family** (Wang et al., 2023; Zhang et al., 2024). Teacher-forced token
 accuracy: the share of target tokens that are the argmax prediction given the prompt and
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,9 +147,11 @@ def score_targets(
 
 
 # -- the CounterFact family ------------------------------------------------------------
-def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
-    """Weighted mean of n-gram entropies (bits) of a text's words, as ROME's GE."""
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
+def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3), lowercase: bool = True) -> float:
+    """Weighted mean of n-gram entropies (bits) of a text's words, as ROME's GE
+    (``compute_n_gram_entropy``: words and punctuation marks as tokens; ROME's code uses
+    NLTK's ``word_tokenize``, which also splits contractions, and keeps case)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower() if lowercase else text)
     values = []
     for n, w in zip(ns, weights):
         grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
@@ -151,10 +161,61 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     return sum(values) / len(values)
 
 
+GE_PROTOCOLS = ("greedy", "rome")
+
+
 def generation_entropy(lm: LM, prompts: Sequence[str], max_new_tokens: int = 40) -> float:
-    """Mean n-gram entropy of greedy continuations of ``prompts`` (fluency, GE)."""
+    """GE, the cheap protocol (``"greedy"``): mean n-gram entropy of greedy continuations
+    of ``prompts`` (prompt included, words lower-cased). Not ROME's protocol:
+    :func:`rome_generation_entropy` is."""
     texts = lm.generate(list(prompts), max_new_tokens=max_new_tokens)
     return sum(ngram_entropy(p + t) for p, t in zip(prompts, texts)) / len(prompts)
+
+
+@torch.no_grad()
+def sampled_generations(
+    lm: LM, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5, seed: int = 0
+) -> list[str]:
+    """ROME's ``generate_fast``: per prompt, top-``top_k`` sampling (temperature 1) until
+    the sequence, prompt included, holds ``max_out_len`` tokens (an end-of-text token does
+    not stop it); the whole text decoded without special tokens, NFKD-normalised, blank
+    lines joined. Seeded (the global RNG is left as it was), so an
+    edited and an unedited model are compared on the same random draws."""
+    tok = lm.tokenizer
+    prompts = list(prompts)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = lm.tokenize(prompts)
+    finally:
+        tok.padding_side = side
+    lengths = batch["attention_mask"].sum(1).tolist()
+    new = max(1, max_out_len - min(lengths))
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = lm.model.generate(
+            **batch, max_new_tokens=new, do_sample=True, top_k=top_k, top_p=1.0,
+            temperature=1.0, pad_token_id=tok.pad_token_id,
+            eos_token_id=None,  # generate_fast samples on past an end-of-text token
+        )  # fmt: skip
+    width = batch["input_ids"].shape[1]
+    texts = []
+    for row, n in zip(out, lengths):
+        ids = row[width - n : width + max(0, max_out_len - n)]  # the prompt, then its new tokens
+        text = unicodedata.normalize("NFKD", tok.decode(ids, skip_special_tokens=True))
+        texts.append(text.replace("\n\n", " "))
+    return texts
+
+
+def rome_generation_entropy(
+    lm: LM, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5, seed: int = 0
+) -> float:
+    """GE as ROME's evaluation computes it (``test_generation``, ``n_gram_entropy``): the
+    arithmetic mean over ``prompts`` of the n-gram entropy of each sampled text
+    (:func:`sampled_generations`), case kept."""
+    texts = sampled_generations(lm, prompts, max_out_len, top_k, seed)
+    return sum(ngram_entropy(t, lowercase=False) for t in texts) / len(texts)
 
 
 # -- the plan: every (prompt, target) pair that any metric of any request needs --------
@@ -193,13 +254,19 @@ def score_requests(
     reference: list[list[torch.Tensor]] | None = None,
     generation_tokens: int = 0,
     generation_prompts: int = 2,
+    generation_protocol: str = "greedy",
 ) -> list[dict[str, float]]:
     """Both metric families for each request; a key is absent where it cannot be computed.
 
     ``reference`` (from :func:`locality_reference` on the unedited model) enables the
-    EasyEdit locality; ``generation_tokens > 0`` enables GE on the first
-    ``generation_prompts`` generation prompts of each request.
+    EasyEdit locality; ``generation_tokens > 0`` enables GE: with the ``"greedy"``
+    protocol on the first ``generation_prompts`` generation prompts of each request,
+    ``generation_tokens`` new tokens each; with ``"rome"`` (the paper's) on all of them,
+    sampled to ``generation_tokens`` tokens in all (100 in the paper), seeded by the
+    request's prompt.
     """
+    if generation_protocol not in GE_PROTOCOLS:
+        raise ValueError(f"generation_protocol must be one of {GE_PROTOCOLS}")
     plan = _plan(requests)
     scores = score_targets(lm, [p[2] for p in plan], [p[3] for p in plan])
     table: dict[tuple[int, str], list[TokenScores]] = {}
@@ -222,8 +289,14 @@ def score_requests(
             row["NS"] = _mean(a.mean_nll < n.mean_nll for a, n in nb)
             row["NM"] = _mean(a.prob - n.prob for a, n in nb)
         if generation_tokens and r.generation_prompts:
-            prompts = r.generation_prompts[:generation_prompts]
-            row["GE"] = generation_entropy(lm, prompts, generation_tokens)
+            if generation_protocol == "rome":
+                seed = zlib.crc32(r.text.encode())  # the same draws before and after an edit
+                row["GE"] = rome_generation_entropy(
+                    lm, r.generation_prompts, generation_tokens, seed=seed
+                )
+            else:
+                prompts = r.generation_prompts[:generation_prompts]
+                row["GE"] = generation_entropy(lm, prompts, generation_tokens)
         row["reliability"] = _mean(s.accuracy for s in get("edit_new"))
         if r.paraphrases:
             row["generalization"] = _mean(s.accuracy for s in get("para_new"))

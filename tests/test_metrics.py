@@ -7,6 +7,8 @@ from medit_lite.metrics import (
     METRIC_KEYS,
     encode_pair,
     ngram_entropy,
+    rome_generation_entropy,
+    sampled_generations,
     score_requests,
     score_targets,
     summarize,
@@ -73,3 +75,28 @@ def test_keys_absent_where_data_cannot_give_them(lm):
 def test_score_targets_rejects_mismatched_lengths(lm):
     with pytest.raises(ValueError, match="same length"):
         score_targets(lm, ["a"], ["b", "c"])
+
+
+def test_rome_ge_protocol_samples_seeded_to_100_tokens_in_all(lm):
+    prompts = ["The Eiffel Tower is", "My favourite food is a bowl of"]
+    state = torch.get_rng_state()
+    a = sampled_generations(lm, prompts, max_out_len=24, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert a == sampled_generations(lm, prompts, max_out_len=24, seed=3)
+    assert a != sampled_generations(lm, prompts, max_out_len=24, seed=4)
+    for prompt, text in zip(prompts, a):
+        assert text.startswith(prompt)  # ROME scores the prompt's words too
+        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # at most 24 tokens in all (end-of-text tokens are sampled past, then dropped)
+        assert len(text) > len(prompt) + 10 and n <= 24 + 3, (n, text)
+    ge = rome_generation_entropy(lm, prompts, max_out_len=24, seed=3)
+    assert ge == pytest.approx(sum(ngram_entropy(t, lowercase=False) for t in a) / 2)
+    # case is kept in the paper's protocol, folded in the cheap one
+    assert ngram_entropy("A a A a b", lowercase=False) != ngram_entropy("A a A a b")
+    r = EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris",
+                    generation_prompts=tuple(prompts))  # fmt: skip
+    again = [score_requests(lm, [r], generation_tokens=24, generation_protocol="rome")[0]["GE"]
+             for _ in range(2)]  # fmt: skip
+    assert again[0] == again[1]
+    with pytest.raises(ValueError, match="generation_protocol"):
+        score_requests(lm, [r], generation_tokens=24, generation_protocol="nucleus")

@@ -33,7 +33,9 @@ and each Adam step only recomputes the final norm and the unembedding.
 
 **How a patch is trained** (paper, §3.2). For an edit ``(x_e, y_e)`` with FFN inputs
 ``q_e`` at the patched positions, the key starts at ``k = q_e / ‖q_e‖²`` (so ``q_e·k = 1``),
-the bias at 0 and the value at 0 (the model is unchanged at step 0), and Adam minimises
+the bias at 0 (as the paper's code, ``ModifyLinearOutput._reset_parameters``) and the
+value at 0, so that the model is unchanged at step 0 (a departure: the code's value,
+``ModifyLinearInput``, starts at ``randn`` times an amplifier of 10), and Adam minimises
 
     L = l_e + α l_a + μ l_m                                                        (total loss)
     l_e = -(1/T) Σ_t log p(y_{e,t} | x_e, y_{e,<t})                                 (edit loss)
