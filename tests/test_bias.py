@@ -71,6 +71,13 @@ def test_winobias_gap_of_a_model_that_always_says_developer(lm, monkeypatch):
     assert out["gap"] == pytest.approx(0.25)
     assert out["type1"]["gap"] == pytest.approx(0.0)
     assert out["type2"]["gap"] == pytest.approx(0.5)
+    # the halves the benchmark keeps apart (tuning / held out), scored from one pass
+    per = bias.winobias_per_set(lm, data)
+    first = bias.winobias_summary({k: v[:1] for k, v in per.items()})
+    second = bias.winobias_summary({k: v[1:] for k, v in per.items()})
+    assert (first["pro"], first["anti"], first["n"]) == (1.0, 0.5, 4)
+    assert (second["pro"], second["anti"], second["gap"]) == (0.0, 0.0, 0.0)
+    assert bias.winobias_summary(per) == out
 
 
 def test_winobias_files_missing_is_a_clear_error(tmp_path):

@@ -8,7 +8,13 @@ from conftest import shared_or_skip
 
 from medit_lite import edit, weights_fingerprint
 from medit_lite.applications import bias
-from medit_lite.methods.dama import nullspace_projection, pls_directions
+from medit_lite.editing import get_method, make_hparams
+from medit_lite.methods.dama import (
+    dama_values,
+    execute_dama,
+    nullspace_projection,
+    pls_directions,
+)
 
 
 def test_projection_is_idempotent_and_removes_the_directions():
@@ -66,6 +72,53 @@ def test_dama_reduces_the_gender_gap_and_restores(lm, train_requests, unchanged)
             W = lm.weight_out_in("mlp_out", layer).detach().double()
             assert float((B.T @ W).norm()) < 1e-3 * float(W.norm())
         assert len(result.changed) == len(layers)
+
+
+def test_shared_values_give_the_weights_of_the_registered_method(lm, train_requests, unchanged):
+    """A sweep computes V once per top layer and reuses it: each variant must end with the
+    weights ``edit(..., "dama")`` gives for the same hyperparameters."""
+    reqs = train_requests[:4]
+    spec = get_method("dama")
+    params = dict(lm.model.named_parameters())
+    variants = [((26, 27), 2), ((25, 27), 3)]
+    hps = [make_hparams(spec, lm, None, layers=ls, nullspace_dimension=d) for ls, d in variants]
+    values = dama_values(lm, reqs, hps[0])
+    for hp in hps:
+        names = spec.params(lm, hp)
+        with edit(lm, reqs, "dama", hparams=hp):
+            reference = {n: params[n].detach().clone() for n in names}
+        backup = {n: params[n].detach().clone() for n in names}
+        try:
+            info = execute_dama(lm, reqs, hp, values=values)
+            assert info["values_precomputed"]
+            for n in names:
+                assert torch.equal(params[n], reference[n]), n
+                assert not torch.equal(params[n], backup[n]), n
+        finally:
+            with torch.no_grad():
+                for n, saved in backup.items():
+                    params[n].copy_(saved)
+    other_top = make_hparams(spec, lm, None, layers=(25, 26), nullspace_dimension=2)
+    with pytest.raises(ValueError, match="other requests or hparams"):
+        execute_dama(lm, reqs, other_top, values=values)
+    with pytest.raises(ValueError, match="other requests or hparams"):
+        execute_dama(lm, reqs[:3], hps[0], values=values)
+
+
+def test_project_attention_projects_both_outputs_and_restores(lm, train_requests, unchanged):
+    """The named option (not the paper): the same P on the attention output matrix too."""
+    reqs = train_requests[:4]
+    with edit(lm, reqs, "dama", layers=(27,), nullspace_dimension=2) as plain:
+        assert plain.changed == [lm.module_name("mlp_out", 27) + ".weight"]
+    with edit(
+        lm, reqs, "dama", layers=(27,), nullspace_dimension=2, project_attention=True
+    ) as result:
+        names = [lm.module_name(k, 27) + ".weight" for k in ("mlp_out", "attn_out")]
+        assert result.changed == names
+        B = result.info[0]["directions"][27].double()
+        for kind in ("mlp_out", "attn_out"):
+            W = lm.weight_out_in(kind, 27).detach().double()
+            assert float((B.T @ W).norm()) < 1e-3 * float(W.norm()), kind
 
 
 @pytest.mark.parametrize(

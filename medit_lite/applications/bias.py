@@ -240,6 +240,12 @@ def winobias_correct(lm: LM, examples: Sequence[dict], batch_size: int = 64) -> 
 def winobias_scores(lm: LM, data: dict | None = None, batch_size: int = 64) -> dict:
     """Accuracy on pro and anti sets (both types pooled and per type) and the gap pro − anti."""
     data = load_winobias() if data is None else data
+    return winobias_summary(winobias_per_set(lm, data, batch_size))
+
+
+def winobias_per_set(lm: LM, data: dict, batch_size: int = 64) -> dict[tuple, list[bool]]:
+    """``(stereotype, type) → [correct per sentence]`` for each set of ``data``, one batched
+    pass over all of them."""
     keys = list(data)
     flat = [e for k in keys for e in data[k]]
     correct = winobias_correct(lm, flat, batch_size)
@@ -248,6 +254,13 @@ def winobias_scores(lm: LM, data: dict | None = None, batch_size: int = 64) -> d
         n = len(data[k])
         per[k] = correct[at : at + n]
         at += n
+    return per
+
+
+def winobias_summary(per: dict[tuple, list[bool]]) -> dict:
+    """The scores of :func:`winobias_scores` from per-sentence correctness (so that parts of
+    the sets, e.g. halves, can be scored from one pass)."""
+    keys = list(per)
 
     def acc(parts):
         xs = [c for p in parts for c in p]
@@ -262,7 +275,7 @@ def winobias_scores(lm: LM, data: dict | None = None, batch_size: int = 64) -> d
         pro = acc([per[k] for k in keys if k == ("pro", kind)])
         anti = acc([per[k] for k in keys if k == ("anti", kind)])
         out[f"type{kind}"] = {"pro": pro, "anti": anti, "gap": pro - anti}
-    out["n"] = len(flat)
+    out["n"] = sum(len(v) for v in per.values())
     return out
 
 
