@@ -114,6 +114,22 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)
 
 
+def results_frame(results: Sequence[dict], keys: Sequence[str] | None = None):
+    """:func:`format_table` as a pandas table for a page (it renders whole in HTML): one
+    row per ``evaluate`` result, its metrics (``keys``, default every one present) and
+    seconds per edit."""
+    import pandas as pd
+
+    keys = list(keys) if keys is not None else _ordered_keys(results)
+    rows = [
+        {"method": r["method"], "n": r["n"]}
+        | {k: r["metrics"].get(k) for k in keys}
+        | {"s / edit": r["seconds_per_edit"]}
+        for r in results
+    ]
+    return pd.DataFrame(rows).style.hide(axis="index").format(precision=3, na_rep="–")
+
+
 def _ordered_keys(results):
     from .metrics import METRIC_KEYS
 

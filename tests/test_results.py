@@ -115,3 +115,19 @@ def test_comparison_keeps_the_run_with_most_records_unedited_first(results_folde
     ] == ["grace"]
     html = results.comparison_frame(rows, "counterfact", ["ES", "NS"]).to_html()
     assert "unedited NS" in html and "0.650" in html and "0.700" in html
+
+
+def test_evaluate_tables_show_every_metric_present():
+    from medit_lite.evaluate import format_table, results_frame
+
+    runs = [
+        {"method": "none", "n": 3, "metrics": {"ES": 0.25, "portability": 0.5},
+         "seconds_per_edit": 0.0},
+        {"method": "ft-l", "n": 3, "metrics": {"ES": 1.0}, "seconds_per_edit": 1.5},
+    ]  # fmt: skip
+    text = format_table(runs)
+    assert text.splitlines()[0].split() == ["method", "n", "ES", "portability", "s/edit"]
+    assert "1.000" in text and "-" in text.splitlines()[2]
+    html = results_frame(runs).to_html()
+    assert "portability" in html and "0.500" in html and "–" in html and "1.500" in html
+    assert "portability" not in results_frame(runs, ["ES"]).to_html()
