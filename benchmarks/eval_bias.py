@@ -264,20 +264,18 @@ def part_bias(lm, args) -> dict:
         print("sweep base", setup["base"]["val"]["a_s"], setup["base"]["perplexity"],
               flush=True)  # fmt: skip
         out["sweep_setup"] = setup
-        if args.sweep:
-            rows = dama_sweep(
-                lm, args, data, val_prof,
-                lambda rows: _update("bias", {"sweep_setup": setup,
-                                              "dama_sweep": _merged("dama_sweep", rows)}),
-            )  # fmt: skip
-            out["dama_sweep"] = _merged("dama_sweep", rows)
-        if args.lsdm_sweep:
-            rows = lsdm_sweep(
-                lm, args, data, val_prof,
-                lambda rows: _update("bias", {"sweep_setup": setup,
-                                              "lsdm_sweep": _merged("lsdm_sweep", rows)}),
-            )  # fmt: skip
-            out["lsdm_sweep"] = _merged("lsdm_sweep", rows)
+        sweeps = (
+            ("dama_sweep", args.sweep, dama_sweep),
+            ("lsdm_sweep", args.lsdm_sweep, lsdm_sweep),
+        )
+        for key, wanted, run_sweep in sweeps:
+            if not wanted:
+                continue
+
+            def save_rows(rows, key=key):  # after every variant, merged into bias.json
+                _update("bias", {"sweep_setup": setup, key: _merged(key, rows)})
+
+            out[key] = _merged(key, run_sweep(lm, args, data, val_prof, save_rows))
     return out
 
 

@@ -182,13 +182,7 @@ def sampled_generations(
     lines joined. Seeded (the global RNG is left as it was), so an
     edited and an unedited model are compared on the same random draws."""
     tok = lm.tokenizer
-    prompts = list(prompts)
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        batch = lm.tokenize(prompts)
-    finally:
-        tok.padding_side = side
+    batch = lm.tokenize(list(prompts), padding_side="left")
     lengths = batch["attention_mask"].sum(1).tolist()
     new = max(1, max_out_len - min(lengths))
     devices = [lm.device] if lm.device.type == "cuda" else []

@@ -198,9 +198,16 @@ class LM:
         return self.device
 
     # -- text --------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Right-padded batch on the model's device."""
-        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+    def tokenize(self, texts: list[str], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Padded batch on the model's device (right-padded, or left-padded for
+        generation with ``padding_side="left"``)."""
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            batch = tok(list(texts), return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -209,12 +216,7 @@ class LM:
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            batch = self.tokenize(prompts)
-        finally:
-            tok.padding_side = side
+        batch = self.tokenize(prompts, padding_side="left")
         kwargs.setdefault("do_sample", False)
         out = self.model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs

@@ -302,16 +302,14 @@ def sampled_texts(
     if len(texts) >= n_texts:
         return texts[:n_texts]
     tok = lm.tokenizer
-    side = tok.padding_side
     start = len(texts)
     bar = progress(total=n_texts - start, desc="sampling text from the model")
     try:
-        tok.padding_side = "left"
         while len(texts) < n_texts:
             k = len(texts)
             prompts = [SAMPLE_OPENERS[(k + i) % len(SAMPLE_OPENERS)] for i in range(batch_size)]
             torch.manual_seed(seed * 1_000_003 + k)  # batch-wise seeding: extendable
-            batch = lm.tokenize(prompts)
+            batch = lm.tokenize(prompts, padding_side="left")
             out = lm.model.generate(
                 **batch,
                 do_sample=True,
@@ -322,7 +320,6 @@ def sampled_texts(
             texts += tok.batch_decode(out, skip_special_tokens=True)
             bar.update(batch_size)
     finally:
-        tok.padding_side = side
         bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
