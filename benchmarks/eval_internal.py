@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument("--stream", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=["mend", "ke", "enn", "kn"])
     parser.add_argument("--skip-eval", action="store_true", help="only train and time")
+    parser.add_argument(
+        "--skip-independent",
+        action="store_true",
+        help="keep the independent-edit results of the last run; run the streams and timings",
+    )
     args = parser.parse_args()
     lm = load_model()
     old = RESULTS / "internal.json"  # runs with other --methods keep each other's parts
@@ -77,6 +82,8 @@ def main() -> None:
         "zsre": _data("zsre_eval_sample.json", load_zsre, args.limit),
     }
     for dname, requests in datasets.items():
+        if args.skip_independent:
+            break
         rows = [evaluate(lm, requests, "none")]
         payload["results"][f"{dname}/none"] = _strip(rows[0])
         for method in args.methods:
