@@ -50,7 +50,6 @@ from ..editing import register
 from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
-from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
 from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
@@ -65,6 +64,8 @@ from .meta_edit import (
     pad,
     pairs_nll,
     per_row,
+    reference_logprobs,
+    replayed_normed,
     row_mean_nll,
     target_logits,
     usable,
@@ -219,21 +220,16 @@ class _Trainer:
         ids, mask = ids.to(dev), mask.to(dev)
         hidden = self.cache.hidden(exs, [1, 2])
         loc_mask = self.cache.loc_mask(exs, mask[n:])
-        run = dict(input_ids=ids[n:], attention_mask=mask[n:], use_cache=False)
-        with torch.no_grad(), replay_layers(lm, self.first, hidden[n:]):  # the original model
-            orig_logp = answer_logprobs(lm, final_hidden(lm, **run), loc_mask)
+        loc = (ids[n:], mask[n:], hidden[n:], self.first)
+        orig_logp = reference_logprobs(lm, *loc, loc_mask)  # the original model
         with Hooks() as h:  # θ, before the edit
             _shift_hooks(h, self.modules, self.base, self.originals)
-            with replay_layers(lm, self.first, hidden[n:]):
-                pre_logp = answer_logprobs(lm, final_hidden(lm, detach=False, **run), loc_mask)
+            pre_logp = answer_logprobs(lm, replayed_normed(lm, *loc), loc_mask)
         doubled = [[(torch.cat([V, V]), torch.cat([D, D]), s) for V, D, s in st] for st in steps]
         with Hooks() as h:  # Edit(θ), each row its own edit
             _shift_hooks(h, self.modules, self.base, self.originals)
             add_row_updates(h, self.modules, doubled)
-            with replay_layers(lm, self.first, hidden):
-                normed = final_hidden(
-                    lm, detach=False, input_ids=ids, attention_mask=mask, use_cache=False
-                )
+            normed = replayed_normed(lm, ids, mask, hidden, self.first)
         equiv = [e.equiv for e in exs]
         logits, rows, targets = target_logits(lm, normed, equiv)
         l_edit = row_mean_nll(logits, rows, targets, n).mean()

@@ -59,7 +59,6 @@ from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
 from ..progress import progress
-from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
 from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
@@ -73,6 +72,8 @@ from .meta_edit import (
     module_gradient_pairs,
     pad,
     per_row,
+    reference_logprobs,
+    replayed_normed,
     row_mean_nll,
     target_logits,
     usable,
@@ -257,21 +258,10 @@ class _Trainer:
         hidden = self.cache.hidden(exs, kinds)
         loc = slice(len(edited), len(seqs))
         loc_mask = self.cache.loc_mask(exs, mask[loc])
-        with torch.no_grad(), replay_layers(lm, self.first, hidden[loc]):
-            base = final_hidden(
-                lm, input_ids=ids[loc].to(dev), attention_mask=mask[loc].to(dev), use_cache=False
-            )
-            base_logp = answer_logprobs(lm, base, loc_mask)
+        base_logp = reference_logprobs(lm, ids[loc], mask[loc], hidden[loc], self.first, loc_mask)
         with Hooks() as h:
             add_row_updates(h, self.modules, updates)
-            with replay_layers(lm, self.first, hidden):
-                normed = final_hidden(
-                    lm,
-                    detach=False,
-                    input_ids=ids.to(dev),
-                    attention_mask=mask.to(dev),
-                    use_cache=False,
-                )
+            normed = replayed_normed(lm, ids, mask, hidden, self.first)
         logits, rows, targets = target_logits(lm, normed, edited)
         nll = row_mean_nll(logits, rows, targets, len(edited), hp.label_smoothing)
         l_edit = nll.mean()

@@ -64,17 +64,23 @@ from ..editing import register
 from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
-from ..replay import final_hidden, replay_layers
 from ..requests import EditRequest
 from ..training import TrainedParts, TrainLog, register_trainer, train
 from ..training import training_requests as default_training_requests
 from .meta_edit import Example as _Example  # noqa: F401  (kept for older imports)
+from .meta_edit import (
+    TripleCache,
+    answer_logprobs,
+    kl,
+    lowrank_apply,
+    module_gradient_pairs,
+    reference_logprobs,
+    replayed_normed,
+)
 from .meta_edit import examples as _examples
-from .meta_edit import lowrank_apply, module_gradient_pairs, stream_cache
 from .meta_edit import pad as _pad
 from .meta_edit import per_row as _per_row
 from .meta_edit import row_mean_nll as _row_mean_nll
-from .meta_edit import stack_hidden as _stack
 from .meta_edit import target_positions as _target_positions
 from .meta_edit import usable as _usable
 
@@ -234,22 +240,14 @@ class _Trainer:
         self.lm, self.editor, self.hp = lm, editor, hp
         self.layers = list(hp.layers)
         self.first = min(self.layers)
-        self.index = {id(e): i for i, e in enumerate(examples)}
-        seqs = [
-            s for e in examples for s in (e.edit[0] + e.edit[1], e.equiv[0] + e.equiv[1], e.loc)
-        ]
-        self.cache = stream_cache(lm, seqs, self.first, desc="MEND: layer inputs")
-
-    def hidden(self, examples, which: int) -> torch.Tensor:
-        """The cached layer inputs of one kind (0 edit, 1 equivalent, 2 unrelated)."""
-        return _stack([self.cache[3 * self.index[id(e)] + which] for e in examples], self.lm.device)
+        self.cache = TripleCache(lm, examples, self.first, desc="MEND: layer inputs")
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, dict]:
         lm, hp, dev = self.lm, self.hp, self.lm.device
         examples = [b.extra["_mend"] for b in batch]
         n = len(examples)
         grads = gradient_pairs(
-            lm, self.layers, [e.edit for e in examples], self.hidden(examples, 0)
+            lm, self.layers, [e.edit for e in examples], self.cache.hidden(examples, [0])
         )
         for layer in self.layers:
             self.editor.observe(grads[layer][1], grads[layer][2])
@@ -257,21 +255,12 @@ class _Trainer:
         # post-edit pass: rows 0..n-1 the equivalent inputs, rows n..2n-1 the unrelated ones
         seqs = [e.equiv[0] + e.equiv[1] for e in examples] + [e.loc for e in examples]
         ids, mask = _pad(seqs, lm.tokenizer.pad_token_id)
-        cached = [self.cache[3 * self.index[id(e)] + 1] for e in examples]
-        cached += [self.cache[3 * self.index[id(e)] + 2] for e in examples]
-        hidden = _stack(cached, dev)
-        batch_in = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "use_cache": False}
-        loc_mask = mask[n:].bool()
+        hidden = self.cache.hidden(examples, [1, 2])
         if hp.loc_positions == "answer":  # the positions predicting the probe's answer
-            for r, e in enumerate(examples):
-                loc_mask[r, : e.loc_answer] = False
-                loc_mask[r, len(e.loc) - 1 :] = False
-        loc_mask = loc_mask.to(dev)
-        with torch.no_grad(), replay_layers(lm, self.first, hidden[n:]):
-            base = final_hidden(
-                lm, input_ids=ids[n:].to(dev), attention_mask=mask[n:].to(dev), use_cache=False
-            )
-            base_logp = torch.log_softmax(lm.module("unembed")(base[loc_mask]).float(), -1)
+            loc_mask = self.cache.loc_mask(examples, mask[n:])
+        else:  # every token of the unrelated input
+            loc_mask = mask[n:].bool().to(dev)
+        base_logp = reference_logprobs(lm, ids[n:], mask[n:], hidden[n:], self.first, loc_mask)
         with Hooks() as h:
             for j, layer in enumerate(self.layers):
                 U, D = _per_row(pseudo[layer], n, dev)
@@ -283,13 +272,11 @@ class _Trainer:
                     return out + _lowrank_edit(box.value, U, D, alpha).to(out.dtype)
 
                 h.edit_output(lm.module("mlp_out", layer), fn)
-            with replay_layers(lm, self.first, hidden):
-                normed = final_hidden(lm, detach=False, **batch_in)
+            normed = replayed_normed(lm, ids, mask, hidden, self.first)
         rows, cols, targets = _target_positions([e.equiv for e in examples])
         logits = lm.module("unembed")(normed[rows.to(dev), cols.to(dev)])
         l_edit = _row_mean_nll(logits, rows, targets, n).mean()
-        post_logp = torch.log_softmax(lm.module("unembed")(normed[n:][loc_mask]).float(), -1)
-        l_loc = (base_logp.exp() * (base_logp - post_logp)).sum(-1).mean()
+        l_loc = kl(base_logp, answer_logprobs(lm, normed[n:], loc_mask))
         loss = hp.c_edit * l_edit + hp.c_loc * l_loc
         return loss, {"edit_nll": float(l_edit.detach()), "loc_kl": float(l_loc.detach())}
 

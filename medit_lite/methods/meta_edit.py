@@ -81,6 +81,44 @@ def target_logits(
     return lm.module("unembed")(normed[rows.to(dev), cols.to(dev)]), rows, ids
 
 
+def replayed_normed(
+    lm: LM,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    hidden: torch.Tensor | None,
+    start: int,
+    *,
+    grad: bool = True,
+) -> torch.Tensor:
+    """The final-norm output for padded ``ids`` under the model as it is (hooks
+    included), running only the layers from ``start`` up on ``hidden``, the residual
+    stream entering it (all layers when ``hidden`` is None); with gradients if ``grad``."""
+    dev = lm.device
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with replay_layers(lm, start, hidden):
+            return final_hidden(
+                lm,
+                detach=not grad,
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                use_cache=False,
+            )
+
+
+@torch.no_grad()
+def reference_logprobs(
+    lm: LM,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    hidden: torch.Tensor | None,
+    start: int,
+    loc_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The locality reference: next-token log-probabilities at the ``loc_mask`` positions
+    of the unrelated inputs, under the model as it is, without gradients."""
+    return answer_logprobs(lm, replayed_normed(lm, ids, mask, hidden, start, grad=False), loc_mask)
+
+
 def pairs_nll(
     lm: LM,
     pairs: Sequence[tuple[list[int], list[int]]],
@@ -93,15 +131,7 @@ def pairs_nll(
     gradients; ``hidden``: the residual stream entering layer ``start`` (then only the
     layers from there up run)."""
     ids, mask = pad([p + t for p, t in pairs], lm.tokenizer.pad_token_id)
-    dev = lm.device
-    with replay_layers(lm, start, hidden):
-        normed = final_hidden(
-            lm,
-            detach=False,
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            use_cache=False,
-        )
+    normed = replayed_normed(lm, ids, mask, hidden, start)
     logits, rows, targets = target_logits(lm, normed, pairs)
     return row_mean_nll(logits, rows, targets, len(pairs), label_smoothing)
 
