@@ -12,6 +12,16 @@ locality questions and answers of ``--memory-size`` zsRE records held out from t
 (records from ``--memory-from`` on; none of the stream's probes is among them).
 
     .venv/bin/python benchmarks/bench_tpatcher.py [--edits 100] [--methods tpatcher,ft-l,rome]
+
+``--counterfact N``: instead, T-Patcher on a stream of the first N CounterFact records
+(ROME's format, ``counterfact_sample.json``), scored (ES/PS/NS and EasyEdit's metrics on
+every record edited so far) after N/2 and N edits, against the unedited model on the same
+records; once with the built-in memory and once with the task memory: the built-in texts
+plus the neighborhood probes of CounterFact records held out from the stream (records
+from ``--memory-from`` on, none of the stream's probes among them). Written to the
+``counterfact`` part of ``tpatcher.json``; the zsRE part is kept.
+
+    .venv/bin/python benchmarks/bench_tpatcher.py --counterfact 100 --memory-from 150
 """
 
 from __future__ import annotations
@@ -57,12 +67,15 @@ def main() -> None:
     parser.add_argument("--memory", choices=["task", "builtin"], default="task")
     parser.add_argument("--memory-from", type=int, default=500)
     parser.add_argument("--memory-size", type=int, default=300)
+    parser.add_argument("--counterfact", type=int, default=0, help="CounterFact stream length")
     args = parser.parse_args()
 
     from medit_lite import load_model
     from medit_lite.lifelong import format_curve, lifelong
 
     lm = load_model()
+    if args.counterfact:
+        return counterfact_streams(lm, args.counterfact, args.memory_from, args.memory_size)
     name, requests = stream(args.edits)
     print(f"{lm.name}: lifelong stream of {len(requests)} edits from {name}\n")
     memory = (
@@ -94,6 +107,56 @@ def main() -> None:
     print_table(rows, list(rows[0]))
 
 
+def counterfact_streams(lm, n: int, memory_from: int, memory_size: int) -> None:
+    """T-Patcher on a CounterFact stream with each memory set (see the module docstring)."""
+    from common import counterfact_sample
+
+    from medit_lite.evaluate import evaluate, format_table
+    from medit_lite.methods import tpatcher as tp
+
+    if memory_from < n:
+        raise SystemExit("--memory-from must lie after the stream")
+    records = counterfact_sample()
+    requests, held_out = records[:n], records[memory_from:]
+    builtin = tuple(tp.builtin_memory_texts())
+    memories = {
+        "built-in": builtin,
+        "task": builtin + tp.probe_memory_texts(held_out, exclude=requests, limit=memory_size),
+    }
+    path = RESULTS / "tpatcher.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload.pop("machine", None)
+    part = {"n": n, "memory_from": memory_from, "memory_texts": {}, "runs": {}}
+    part["unedited"] = _strip_rows(evaluate(lm, requests, "none"))
+    for kind, texts in memories.items():
+        t0 = time.perf_counter()
+        result = evaluate(
+            lm, requests, "tpatcher", sequential=True, every=max(1, n // 2),
+            score_checkpoints=True, memory_texts=texts,
+        )  # fmt: skip
+        run = _strip_rows(result)
+        run["total_seconds"] = time.perf_counter() - t0
+        run["median_seconds"] = summary(result["lifelong"]["seconds"])["median"]
+        part["runs"][kind] = run
+        part["memory_texts"][kind] = len(texts)
+        print(f"memory {kind} ({len(texts)} texts)")
+        print(format_table([part["unedited"], result]), flush=True)
+        for n_edits, point in zip(result["lifelong"]["checkpoints"], result["lifelong"]["curve"]):
+            extra = point.get("extra") or {}
+            print(f"  after {n_edits:3d} edits: NS {extra.get('NS')}  ES {extra.get('ES')}")
+        payload["counterfact"] = part
+        save("tpatcher", payload)
+
+
+def _strip_rows(result: dict) -> dict:
+    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
+    if "lifelong" in result:
+        out["lifelong"] = {
+            k: v for k, v in result["lifelong"].items() if k not in ("at_end", "success")
+        }
+    return out
+
+
 def _save(lm, name, requests, args, rows, runs, memory_texts: int) -> None:
     """Written after each method, so a long run keeps what it has measured. Runs of other
     methods on the same stream already in the file are kept (``--methods`` may be split
@@ -116,6 +179,7 @@ def _save(lm, name, requests, args, rows, runs, memory_texts: int) -> None:
                 "texts": memory_texts,
             },  # fmt: skip
             "table": table,
+            **({"counterfact": old["counterfact"]} if "counterfact" in old else {}),
             "runs": kept
             | {m: r | {"seconds_summary": summary(r["seconds"])} for m, r in runs.items()},
         },

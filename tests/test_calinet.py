@@ -15,8 +15,10 @@ from medit_lite.methods.calinet import (
     facts_from_known,
     facts_from_requests,
     negative_relations,
+    kl_to_reference,
     relation_templates,
 )
+from medit_lite.methods.tpatcher import builtin_memory_texts
 
 FAST = {"steps": 60}  # enough for a handful of built-in facts
 
@@ -109,8 +111,50 @@ def test_sequential_adds_one_slot_set_per_edit_and_restores(lm, facts, unchanged
         ({"layer": 30}, ValueError),
         ({"steps": 1.5}, ValueError),
         ({"lr": "fast"}, TypeError),
+        ({"locality_weight": -1.0}, ValueError),
+        ({"locality_positions": 0}, ValueError),
+        ({"memory_texts": "one text"}, TypeError),
+        ({"memory_texts": ("",)}, TypeError),
     ],
 )
 def test_bad_hparams_rejected(lm, facts, unchanged, overrides, error):
     with pytest.raises(error):
         edit(lm, facts[:2], "calinet", **overrides)
+
+
+def _next_token_logits(lm, texts):
+    import torch
+
+    with torch.no_grad():
+        batch = lm.tokenize(texts)
+        keep = batch["attention_mask"].bool()
+        return lm.model(**batch).logits[keep & (keep.long().cumsum(-1) > 1)]
+
+
+def test_locality_variant_keeps_held_out_text_closer_to_the_model(lm, facts, unchanged):
+    """This project's KL term (``locality_weight``) trained on some ordinary texts keeps the
+    next-token distributions of *other* ordinary texts closer to the unedited model than
+    CaliNet as published does, and still calibrates the batch."""
+    texts = builtin_memory_texts()
+    memory, held_out = tuple(texts[:100]), texts[100:]
+    batch = [f for f in facts if f.relation in ("capital_of", "official_language")]
+    reference = _next_token_logits(lm, held_out)
+    drift = {}
+    for weight in (0.0, 10.0):
+        hp = dict(FAST, locality_weight=weight, memory_texts=memory)
+        with edit(lm, batch, "calinet", **hp) as result:
+            drift[weight] = float(kl_to_reference(reference, _next_token_logits(lm, held_out)))
+            assert summarize(score_requests(lm, batch))["ES"] >= 0.9
+            info = result.info[0]
+            assert (info["final_locality_kl"] is None) == (weight == 0)
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_locality_variant_in_a_middle_layer_runs_and_restores(lm, facts, unchanged):
+    """The other training path (the whole model runs each step, slots muted for the
+    reference): a short run changes the model and restores it."""
+    hp = dict(steps=3, layer=lm.n_layers - 3, locality_weight=1.0)
+    with edit(lm, facts[:2], "calinet", **hp) as result:
+        assert result.info[0]["final_locality_kl"] is not None
+        assert SlotBank.of(lm, lm.n_layers - 3) is not None
+    assert SlotBank.of(lm, lm.n_layers - 3) is None
