@@ -127,7 +127,9 @@ def counterfact_streams(lm, n: int, memory_from: int, memory_size: int) -> None:
     payload = json.loads(path.read_text()) if path.is_file() else {}
     payload.pop("machine", None)
     part = {"n": n, "memory_from": memory_from, "memory_texts": {}, "runs": {}}
-    part["unedited"] = _strip_rows(evaluate(lm, requests, "none"))
+    unedited = evaluate(lm, requests, "none")
+    part["unedited"] = _strip_rows(unedited)
+    part["unedited_at"] = unedited_at(unedited["rows"], [max(1, n // 2), n])
     for kind, texts in memories.items():
         t0 = time.perf_counter()
         result = evaluate(
@@ -146,6 +148,13 @@ def counterfact_streams(lm, n: int, memory_from: int, memory_size: int) -> None:
             print(f"  after {n_edits:3d} edits: NS {extra.get('NS')}  ES {extra.get('ES')}")
         payload["counterfact"] = part
         save("tpatcher", payload)
+
+
+def unedited_at(rows: list[dict], counts) -> dict:
+    """The unedited model's scores on the first ``k`` records, for each checkpoint ``k``."""
+    from medit_lite import summarize
+
+    return {str(k): summarize(rows[:k]) for k in counts}
 
 
 def _strip_rows(result: dict) -> dict:
