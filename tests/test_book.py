@@ -171,3 +171,18 @@ def test_chapter_four_shows_traces_results_and_no_solutions(site, browser):
     assert "ROME edit in" in text and "MEMIT" in text and "paper GPT-2 XL" in text
     _solutions_are_not_on_the_page(page, text)
     page.close()
+
+
+def test_checks_run_out_of_the_readers_view(site, browser):
+    """The asserts that make a chapter a test run in removed cells: no code cell the reader
+    sees holds one (nor the page's own run time)."""
+    shown = []
+    for html in sorted((site / "chapters").glob("*.html")):
+        page = browser.new_page()
+        page.goto(html.as_uri(), wait_until="load")
+        for code in page.locator("div.cell_input").all_inner_texts():
+            for line in code.splitlines():
+                if line.strip().startswith("assert ") or "page ran in" in line:
+                    shown.append(f"{html.name}: {line.strip()[:80]}")
+        page.close()
+    assert not shown, "\n".join(shown)
