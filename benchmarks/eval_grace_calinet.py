@@ -37,7 +37,7 @@ from common import RESULTS, counterfact_sample, save
 from medit_lite import EditRequest, edit, load_model, load_zsre, shared_data
 from medit_lite.evaluate import evaluate, format_table
 from medit_lite.lifelong import format_curve
-from medit_lite.methods import calinet, grace
+from medit_lite.methods import calinet, grace, tpatcher
 from medit_lite.metrics import locality_reference, score_requests, summarize
 
 
@@ -158,7 +158,90 @@ def _exact(lm, prompts, targets) -> list[bool]:
     return exact_matches(lm, prompts, targets)
 
 
-def calinet_part(lm, min_facts: int, steps: int, out: dict) -> None:
+def _calibration_split(cf_all, rows, wrong, start: int, n: int) -> dict:
+    """Flagged facts ``start .. start+n`` of the sample (to calibrate), the CounterFact
+    requests they came from (whose neighborhoods are scored) and as many records whose
+    facts the model knows (``start .. start+n`` of those: other inputs to keep)."""
+    batch = wrong[start : start + n]
+    ids = {r.case_id for r in batch}
+    known = [r for r, row in zip(cf_all, rows) if row["known"]]
+    return {
+        "batch": batch,
+        "neighbors_of": [r for r in cf_all if r.case_id in ids],
+        "others": known[start : start + len(batch)],
+    }
+
+
+def _measure(lm, split: dict, refs: dict, templates, negatives) -> dict:
+    """What a calibration did to its facts, their neighborhoods and the other records."""
+    batch = split["batch"]
+    rows = summarize(score_requests(lm, batch))
+    facts = calinet.facts_from_requests(
+        [
+            EditRequest(r.prompt, r.subject, r.target_true, r.target_new, relation=r.relation)
+            for r in batch
+        ]
+    )
+    cka_now = calinet.assess(lm, facts, templates, negatives)
+    exact = _exact(lm, [r.text for r in batch], [r.target_new for r in batch])
+    para = [(p, r.target_new) for r in batch for p in r.paraphrases]
+    para_exact = _exact(lm, [p for p, _ in para], [t for _, t in para])
+    nb = summarize(score_requests(lm, split["neighbors_of"], refs["neighbors_of"]))
+    held = summarize(score_requests(lm, split["others"], refs["others"]))
+    return {
+        "calibrated": sum(exact) / len(exact),
+        "calibrated_per_fact": exact,
+        "cka_known": sum(r["known"] for r in cka_now) / len(cka_now),
+        "ES_true_vs_counterfactual": rows.get("ES"),
+        "PS_true_vs_counterfactual": rows.get("PS"),
+        "paraphrase_exact": sum(para_exact) / max(1, len(para_exact)),
+        "NS_their_neighbors": nb.get("NS"),
+        "locality_their_neighbors": nb.get("locality"),
+        "NS_other_records": held.get("NS"),
+        "locality_other_records": held.get("locality"),
+    }
+
+
+def _calibrate_and_measure(lm, split, refs, templates, negatives, steps, **hp) -> dict:
+    with edit(lm, split["batch"], "calinet", steps=steps, **hp) as result:
+        after = _measure(lm, split, refs, templates, negatives)
+        info = {k: v for k, v in result.info[0].items() if k != "losses"}
+        losses = result.info[0]["losses"]
+    return {
+        "after": after,
+        "info": info,
+        "losses": losses[:: max(1, len(losses) // 200)],
+        "edit_seconds": result.seconds,
+        "hparams": {k: v for k, v in result.hparams.__dict__.items() if k != "memory_texts"},
+    }
+
+
+#: the locality variant's operating point is chosen on the development facts by this rule
+CHOICE_RULE = (
+    "on the development facts: the setting that keeps the most top-1 answers of the other "
+    "records' neighbors, among those calibrating at least 90% of what CaliNet as published does"
+)
+
+
+def choose_locality_setting(faithful: dict, settings: list[dict]) -> dict | None:
+    """:data:`CHOICE_RULE` over the development runs (``after`` dicts)."""
+    floor = 0.9 * faithful["after"]["calibrated"]
+    ok = [s for s in settings if s["after"]["calibrated"] >= floor]
+    if not ok:
+        return None
+    return max(ok, key=lambda s: (s["after"]["locality_other_records"], s["after"]["calibrated"]))
+
+
+def calinet_part(
+    lm,
+    min_facts: int,
+    steps: int,
+    out: dict,
+    weights=(),
+    memories=(),
+    keep: dict | None = None,
+    dev_facts: int = 30,
+) -> None:
     cf_all = counterfact_sample()
     known_path = shared_data("known_1000.json")
     known = calinet.facts_from_known(json.loads(known_path.read_text())) if known_path else []
@@ -173,67 +256,122 @@ def calinet_part(lm, min_facts: int, steps: int, out: dict) -> None:
     out["cka_seconds"] = {"counterfact": time.perf_counter() - t0}
     out["cka"] = {}
     _cka_summary(lm, "counterfact", cka["counterfact"], out)
+    keep = keep or {}
+    if "known_1000" in keep.get("cka", {}):  # --keep-known: the assessment of the last run
+        out["cka"]["known_1000"] = keep["cka"]["known_1000"]
+        out["cka_seconds"]["known_1000"] = keep["cka_seconds"]["known_1000"]
     save("calinet", out)
 
     wrong = calibration_requests(cf_all, cka["counterfact"])
     print(f"{len(wrong)} CounterFact true facts flagged wrong")
     if len(wrong) < min_facts:
         print(f"fewer than {min_facts}: calibrating all {len(wrong)}")
-    batch = wrong[:min_facts]  # the first ones, in the sample's order
-    # locality on facts the model knows: as many records as calibrated ones
-    others = [r for r, row in zip(cf_all, cka["counterfact"]) if row["known"]][: len(batch)]
-    wrong_ids = {r.case_id for r in batch}
-    neighbors_of = [r for r in cf_all if r.case_id in wrong_ids]  # original CF requests
-
-    def measure() -> dict:
-        rows = score_requests(lm, batch)
-        facts = calinet.facts_from_requests(
-            [
-                EditRequest(r.prompt, r.subject, r.target_true, r.target_new, relation=r.relation)
-                for r in batch
-            ]
-        )
-        cka_now = calinet.assess(lm, facts, templates, negatives)
-        exact = _exact(lm, [r.text for r in batch], [r.target_new for r in batch])
-        para = [(p, r.target_new) for r in batch for p in r.paraphrases]
-        para_exact = _exact(lm, [p for p, _ in para], [t for _, t in para])
-        nb = summarize(score_requests(lm, neighbors_of, ref_nb))
-        held = summarize(score_requests(lm, others, ref_others))
-        return {
-            "calibrated": sum(exact) / len(exact),
-            "calibrated_per_fact": exact,
-            "cka_known": sum(r["known"] for r in cka_now) / len(cka_now),
-            "ES_true_vs_counterfactual": summarize(rows).get("ES"),
-            "PS_true_vs_counterfactual": summarize(rows).get("PS"),
-            "paraphrase_exact": sum(para_exact) / max(1, len(para_exact)),
-            "NS_their_neighbors": nb.get("NS"),
-            "locality_their_neighbors": nb.get("locality"),
-            "NS_other_records": held.get("NS"),
-            "locality_other_records": held.get("locality"),
-        }
-
-    ref_nb = locality_reference(lm, neighbors_of)
-    ref_others = locality_reference(lm, others)
-    before = measure()
-    with edit(lm, batch, "calinet", steps=steps) as result:
-        after = measure()
-        info = {k: v for k, v in result.info[0].items() if k != "losses"}
-        losses = result.info[0]["losses"]
-    out["calibration"] = {
-        "n_facts": len(batch),
-        "steps": steps,
-        "before": before,
-        "after": after,
-        "info": info,
-        "losses": losses[:: max(1, len(losses) // 200)],
-        "edit_seconds": result.seconds,
-        "hparams": result.hparams.__dict__,
+    # the reported batch: the first flagged facts, in the sample's order; the next ones are
+    # the development facts the locality variant's setting is chosen on
+    splits = {
+        "test": _calibration_split(cf_all, cka["counterfact"], wrong, 0, min_facts),
+        "dev": _calibration_split(cf_all, cka["counterfact"], wrong, min_facts, dev_facts),
     }
-    for k in before:
+    measured = [r for sp in splits.values() for k in ("neighbors_of", "others") for r in sp[k]]
+    measured_ids = {r.case_id for r in measured}
+    held_out = [r for r in cf_all if r.case_id not in measured_ids]
+    memory_sets = {
+        "built-in": (),
+        "held-out probes": tpatcher.probe_memory_texts(held_out, exclude=measured),
+    }
+    out["memory_sets"] = {
+        k: len(v) if v else "T-Patcher's built-in texts" for k, v in memory_sets.items()
+    }
+    refs = {
+        name: {k: locality_reference(lm, sp[k]) for k in ("neighbors_of", "others")}
+        for name, sp in splits.items()
+    }
+    before = {}
+    kept = keep.get("calibration", {})
+    if kept.get("n_facts") == len(splits["test"]["batch"]) and "before" in kept:
+        before["test"] = kept["before"]  # the unedited model on the same records: as measured
+    for name, sp in splits.items():
+        if name not in before:
+            before[name] = _measure(lm, sp, refs[name], templates, negatives)
+
+    test = splits["test"]
+    faithful = _calibrate_and_measure(lm, test, refs["test"], templates, negatives, steps)
+    out["calibration"] = {
+        "n_facts": len(test["batch"]),
+        "steps": steps,
+        "before": before["test"],
+        **faithful,
+    }
+    for k in before["test"]:
         if not k.endswith("per_fact"):
-            print(f"  {k:28s} {before[k]!s:>8.8}  ->  {after[k]!s:>8.8}")
+            print(f"  {k:28s} {before['test'][k]!s:>8.8}  ->  {faithful['after'][k]!s:>8.8}")
     save("calinet", out)
-    if known:  # the larger assessment last: the calibration result is saved already
+
+    if weights and splits["dev"]["batch"]:
+        sweep = {
+            "rule": CHOICE_RULE,
+            "n_dev_facts": len(splits["dev"]["batch"]),
+            "before_dev": before["dev"],
+        }
+        dev = splits["dev"]
+        runs = [
+            {
+                "weight": 0.0,
+                "memory": None,
+                **_calibrate_and_measure(lm, dev, refs["dev"], templates, negatives, steps),
+            }
+        ]
+        for memory in memories:
+            for w in weights:
+                run = _calibrate_and_measure(
+                    lm,
+                    dev,
+                    refs["dev"],
+                    templates,
+                    negatives,
+                    steps,
+                    locality_weight=w,
+                    memory_texts=memory_sets[memory],
+                )
+                runs.append({"weight": w, "memory": memory, **run})
+                a = run["after"]
+                print(
+                    f"  dev λ={w:<5} {memory:16s} calibrated {a['calibrated']:.2f}  "
+                    f"neighbors kept {a['locality_their_neighbors']:.2f}  others kept "
+                    f"{a['locality_other_records']:.2f}"
+                )
+                sweep["runs"] = runs
+                out["locality_sweep"] = sweep
+                save("calinet", out)
+        chosen = choose_locality_setting(runs[0], runs[1:])
+        sweep["chosen"] = (
+            None if chosen is None else {"weight": chosen["weight"], "memory": chosen["memory"]}
+        )
+        if chosen is not None:
+            variant = _calibrate_and_measure(
+                lm,
+                test,
+                refs["test"],
+                templates,
+                negatives,
+                steps,
+                locality_weight=chosen["weight"],
+                memory_texts=memory_sets[chosen["memory"]],
+            )
+            out["calibration_locality"] = {
+                "weight": chosen["weight"],
+                "memory": chosen["memory"],
+                **variant,
+            }
+            a = variant["after"]
+            print(
+                f"  test, chosen λ={chosen['weight']} {chosen['memory']}: calibrated "
+                f"{a['calibrated']:.2f}, NS their neighbors {a['NS_their_neighbors']:.3f}, kept "
+                f"{a['locality_their_neighbors']:.2f} / others {a['locality_other_records']:.2f}"
+            )
+        save("calinet", out)
+
+    if known and "known_1000" not in out["cka"]:  # the larger assessment last
         t0 = time.perf_counter()
         rows = calinet.assess(lm, known, templates, negatives)
         out["cka_seconds"]["known_1000"] = time.perf_counter() - t0
@@ -268,13 +406,45 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=60, help="flagged facts to calibrate")
     ap.add_argument("--steps", type=int, default=300, help="CaliNet training steps")
     ap.add_argument("--resume", action="store_true", help="keep finished GRACE parts")
+    ap.add_argument(
+        "--locality-weights",
+        type=float,
+        nargs="*",
+        default=[10.0, 100.0],
+        help="λ of CaliNet's locality variant to sweep on the development facts",
+    )
+    ap.add_argument(
+        "--memories",
+        nargs="*",
+        default=["built-in", "held-out probes"],
+        choices=("built-in", "held-out probes"),
+        help="memory texts of the locality variant",
+    )
+    ap.add_argument("--dev-facts", type=int, default=30, help="development facts (λ choice)")
+    ap.add_argument(
+        "--keep-known",
+        action="store_true",
+        help="keep the last run's known_1000 assessment (it takes ~10 min)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model()
     if args.part in ("grace", "all"):
         grace_part(lm, args.n, {"method": "grace"}, args.resume)
     if args.part in ("calinet", "all"):
-        calinet_part(lm, args.facts, args.steps, {"method": "calinet"})
+        keep = None
+        if args.keep_known and (RESULTS / "calinet.json").exists():
+            keep = json.loads((RESULTS / "calinet.json").read_text())
+        calinet_part(
+            lm,
+            args.facts,
+            args.steps,
+            {"method": "calinet"},
+            args.locality_weights,
+            args.memories,
+            keep,
+            args.dev_facts,
+        )
     print(f"results in {RESULTS}")
 
 
