@@ -14,8 +14,8 @@ from medit_lite.methods.calinet import (
     assess,
     facts_from_known,
     facts_from_requests,
-    negative_relations,
     kl_to_reference,
+    negative_relations,
     relation_templates,
 )
 from medit_lite.methods.tpatcher import builtin_memory_texts
