@@ -428,18 +428,26 @@ def _memory_states(lm: LM, layer: int, texts: Sequence[str], batch_size: int = 3
             xs = h.capture_input(mlp)
             hs = h.capture_output(block)
             lm.model(**batch)
-        keep = batch["attention_mask"].bool()
-        keep = keep & (keep.long().cumsum(-1) > 1)
+        keep = _after_first(batch["attention_mask"])
         xs_all.append(xs.value[keep].float())
         hs_all.append(hs.value[keep].float())
     return torch.cat(xs_all), torch.cat(hs_all)
 
 
 def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of ``KL(P_ref ‖ P)`` of next-token distributions (rows)."""
-    ref = torch.log_softmax(reference_logits.float(), -1)
-    new = torch.log_softmax(logits.float(), -1)
-    return (ref.exp() * (ref - new)).sum(-1).mean()
+    """Mean over positions of ``KL(P_ref ‖ P)`` of next-token distributions (rows of
+    logits; :func:`medit_lite.methods.meta_edit.kl` on their log-softmax)."""
+    from .meta_edit import kl
+
+    return kl(
+        torch.log_softmax(reference_logits.float(), -1), torch.log_softmax(logits.float(), -1)
+    )
+
+
+def _after_first(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Every non-padding position but each text's first (the attention sink, never scored)."""
+    keep = attention_mask.bool()
+    return keep & (keep.long().cumsum(-1) > 1)
 
 
 def _tail_logits(lm: LM, hidden: torch.Tensor) -> torch.Tensor:
@@ -504,8 +512,7 @@ def calibrate(lm: LM, requests: Sequence[EditRequest], hp: CaliNetHParams) -> tu
         n_texts = max(1, hp.locality_positions // 32)
         pick = torch.randperm(len(memory), generator=picker)[:n_texts].tolist()
         batch = lm.tokenize([memory[i] for i in pick])
-        keep = batch["attention_mask"].bool()
-        keep = keep & (keep.long().cumsum(-1) > 1)
+        keep = _after_first(batch["attention_mask"])
         slots.muted = True
         try:
             with torch.no_grad():
