@@ -161,8 +161,10 @@ def merge(name: str) -> None:
     other = json.loads(other_path.read_text())
     # each result keeps its own "n": files run with different --limit can be merged;
     # the unedited scores of the other file are kept under its limit
-    for key in ("methods", "training"):
-        base.setdefault(key, {}).update(other.get(key, {}))
+    # per method, the datasets the other file ran replace those of the same name only
+    for method, entries in other.get("methods", {}).items():
+        base.setdefault("methods", {}).setdefault(method, {}).update(entries)
+    base.setdefault("training", {}).update(other.get("training", {}))
     if other.get("limit") != base.get("limit"):
         base.setdefault("unedited_by_limit", {})[str(other["limit"])] = other.get("unedited", {})
     base.setdefault("model", other.get("model"))

@@ -49,9 +49,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from transformers import DynamicCache
 
 from .hooks import Hooks
 from .models import LM
+from .replay import cache_keyword, final_hidden, record_kv
 
 _PROMPT_LENGTHS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "medit_prompt_lengths", default=None
@@ -250,12 +252,12 @@ class ContextRouter:
         """Replace / mix the logits of routed rows with the in-context run's."""
         routed = [i for i, r in enumerate(state.routes) if r is not None]
         seqs = [list(state.routes[i].context) + state.history[i].tolist() for i in routed]
-        ctx_logits = _run(self, seqs)
+        # only the positions after the context are mixed in: the logits start there
+        ctx_logits = _run(self, seqs, [len(state.routes[i].context) for i in routed])
         logits = logits.clone()
         width = logits.shape[1]
         for j, i in enumerate(routed):
             route, hist_len = state.routes[i], len(state.history[i])
-            offset = len(route.context)
             if first:  # every kept logit position that holds a real token
                 cols = torch.arange(input_ids.shape[1] - width, input_ids.shape[1])
                 real = mask[i, cols].bool().cpu()
@@ -267,7 +269,7 @@ class ContextRouter:
                 cols = cols[cols >= input_ids.shape[1] - width]
                 ranks = hist_len - (input_ids.shape[1] - cols)
             dest = cols - (input_ids.shape[1] - width)
-            new = ctx_logits[j][(ranks + offset).to(ctx_logits[j].device)]
+            new = ctx_logits[j][ranks.to(ctx_logits[j].device)]
             logits[i, dest.to(logits.device)] = _blend(
                 logits[i, dest.to(logits.device)], new, route.weight
             )
@@ -285,23 +287,78 @@ def _blend(base: torch.Tensor, new: torch.Tensor, g: float) -> torch.Tensor:
     return mixed.to(base.dtype)
 
 
-def _run(router: ContextRouter, seqs: list[list[int]], batch_size: int = 16) -> list[torch.Tensor]:
-    """Logits of the untouched model on each token sequence (right-padded batches)."""
-    lm, out = router.lm, []
-    pad = lm.tokenizer.pad_token_id
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        logits = router.base_forward(
-            input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
-        ).logits
-        out += [logits[row, : len(s)] for row, s in enumerate(chunk)]
+def _run(
+    router: ContextRouter, seqs: list[list[int]], starts: list[int], batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Logits of the untouched model on each token sequence, from position ``starts[i]``
+    of sequence ``i`` on (its context is ``seqs[i][:starts[i]]``).
+
+    Sequences that share a context share its computation: the context runs once, and
+    its keys and values serve every sequence's own tokens (right-padded batches), so a
+    probe pays for its own few tokens, not for IKE's hundreds of demonstration tokens
+    again; the vocabulary projection runs only at the positions returned."""
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, b) in enumerate(zip(seqs, starts)):
+        groups.setdefault(tuple(s[:b]), []).append(i)
+    for context, members in groups.items():
+        prefix = _context_kv(router, list(context))
+        for first in range(0, len(members), batch_size):
+            chunk = members[first : first + batch_size]
+            tails = [seqs[i][len(context) :] for i in chunk]
+            for i, logits in zip(chunk, _run_after(router, prefix, len(context), tails)):
+                out[i] = logits
     return out
+
+
+def _context_kv(router: ContextRouter, context: list[int]):
+    """Per layer, the keys and values of ``context`` ([1, heads, len, head_dim]), or None
+    for an empty context."""
+    if not context:
+        return None
+    lm = router.lm
+    with record_kv(lm) as kv:
+        final_hidden(
+            lm,
+            forward=router.base_forward,
+            input_ids=torch.tensor([context], device=lm.device),
+            use_cache=False,
+        )
+    return [(rec.keys, rec.values) for rec in kv]
+
+
+def _run_after(router: ContextRouter, prefix, n_prefix: int, tails: list[list[int]]):
+    """Logits of each token list in ``tails`` read after the cached ``prefix``."""
+    lm = router.lm
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(tails), n_prefix + width), dtype=torch.long)
+    mask[:, :n_prefix] = 1
+    for row, t in enumerate(tails):
+        ids[row, : len(t)] = torch.tensor(t)
+        mask[row, n_prefix : n_prefix + len(t)] = 1
+    inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    if prefix is None:
+        inputs["attention_mask"] = inputs["attention_mask"][:, n_prefix:]
+        normed = final_hidden(lm, forward=router.base_forward, use_cache=False, **inputs)
+    else:
+        cache = DynamicCache(config=lm.model.config)
+        for j, (keys, values) in enumerate(prefix):
+            shape = (len(tails), *keys.shape[1:])
+            cache.update(keys.expand(shape), values.expand(shape), j)
+        positions = torch.arange(n_prefix, n_prefix + width, device=lm.device)[None]
+        normed = final_hidden(
+            lm,
+            forward=router.base_forward,
+            position_ids=positions.expand(len(tails), -1),
+            use_cache=True,
+            **{cache_keyword(lm): cache},
+            **inputs,
+        )
+    rows = torch.cat([torch.full((len(t),), r) for r, t in enumerate(tails)])
+    cols = torch.cat([torch.arange(len(t)) for t in tails])
+    flat = lm.module("unembed")(normed[rows.to(lm.device), cols.to(lm.device)])
+    return flat.split([len(t) for t in tails])
 
 
 _ROUTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .context_routing import prompt_lengths
+from .context_routing import prompt_lengths, router_of
 from .models import LM
+from .replay import final_hidden
 from .requests import EditRequest
 
 METRIC_KEYS = (
@@ -104,7 +105,11 @@ class TokenScores:
 def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
     """Logits at the positions that predict each target token, one [T, V] tensor a pair.
 
-    The batch is right-padded; gradients flow if enabled by the caller.
+    The batch is right-padded; gradients flow if enabled by the caller. Without a context
+    router the vocabulary projection runs only at those positions (the final norm's
+    output gathered, then ``lm.module("unembed")``): on a prompt of P tokens and a target
+    of T, T rows of the [d_model, V] product instead of P + T. A routed model (SERAC, NL
+    patches, IKE) mixes whole logit rows, so it gets the model's full forward.
     """
     lengths = [len(p) + len(t) for p, t in pairs]
     pad = lm.tokenizer.pad_token_id
@@ -114,11 +119,16 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
     for row, (p, t) in enumerate(pairs):
         ids[row, : lengths[row]] = torch.tensor(p + t)
         mask[row, : lengths[row]] = 1
-    with prompt_lengths([len(p) for p, _ in pairs]):  # routed methods decide on prompts only
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(pairs)])
     cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in pairs])
-    flat = logits[rows.to(lm.device), cols.to(lm.device)]
+    rows, cols = rows.to(lm.device), cols.to(lm.device)
+    inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    if router_of(lm) is None:
+        normed = final_hidden(lm, detach=False, use_cache=False, **inputs)
+        flat = lm.module("unembed")(normed[rows, cols])
+    else:
+        with prompt_lengths([len(p) for p, _ in pairs]):  # routes decide on prompts only
+            flat = lm.model(**inputs).logits[rows, cols]
     return list(flat.split([len(t) for _, t in pairs]))
 
 

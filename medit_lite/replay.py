@@ -183,17 +183,18 @@ def _stop(x):
     raise _Stop
 
 
-def final_hidden(lm: LM, detach: bool = True, **inputs) -> torch.Tensor:
+def final_hidden(lm: LM, detach: bool = True, forward=None, **inputs) -> torch.Tensor:
     """The output of the final norm ([batch, seq, d_model]) for a forward pass with
     ``inputs``, without the unembedding. Callers apply ``lm.module("unembed")`` to the
     positions they need: the model's own ``logits_to_keep=1`` slices a non-contiguous
     [batch, 1, d_model] view, on which the vocabulary-sized product runs ~10× slower on
-    the CPU than on a contiguous [batch, d_model] matrix."""
+    the CPU than on a contiguous [batch, d_model] matrix. ``forward`` is the forward
+    function to call (default ``lm.model``; a context router passes the model's own)."""
     with Hooks() as h:
         box = h.capture_output(lm.module("final_norm"), detach=detach)
         h.edit_output(lm.module("final_norm"), _stop)  # runs after the capture
         try:
-            lm.model(**inputs)
+            (forward or lm.model)(**inputs)
         except _Stop:
             pass
     return box.value

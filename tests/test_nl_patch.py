@@ -126,3 +126,24 @@ def test_bad_input_changes_nothing(lm, facts, cache, unchanged):
     with pytest.raises(TypeError):
         edit(lm, request, "ike", **{**IKE, "k": "many"})
     assert router_of(lm) is None
+
+
+def test_shared_context_is_computed_once_and_matches_full_passes(lm, facts, cache):
+    """The router reads a context's keys and values once for every probe behind it
+    (IKE's demonstrations are hundreds of tokens): the logits it mixes in equal those of
+    the whole sequence run from the first token, for two contexts and an empty one."""
+    from medit_lite import context_routing
+
+    with edit(lm, facts[:2], "ike", hparams=ike.IkeHParams(**IKE)):
+        router = router_of(lm)
+        contexts = [ike.ike_context(lm, r, ike.IkeHParams(**IKE)) for r in facts[:2]]
+        ctx_ids = [list(context_ids(lm, c)) for c in contexts] + [[]]
+        tails = [encode_pair(lm, r.prompt.format(r.subject), r.target_new) for r in facts[:3]]
+        seqs = [c + p + t for c in ctx_ids for p, t in tails]
+        starts = [len(c) for c in ctx_ids for _ in tails]
+        fast = context_routing._run(router, seqs, starts, batch_size=2)
+        with torch.no_grad():
+            for seq, start, got in zip(seqs, starts, fast):
+                full = router.base_forward(input_ids=torch.tensor([seq])).logits[0, start:]
+                assert got.shape == full.shape
+                assert torch.allclose(got, full, atol=2e-4), (got - full).abs().max()
