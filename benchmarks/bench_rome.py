@@ -31,6 +31,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _mib(n_bytes: int | None) -> float | None:
+    """Mebibytes, or None where the edit did not measure memory (the CPU, unprofiled)."""
+    return None if n_bytes is None else n_bytes / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--edits", type=int, default=5, help="ROME edits timed (cached stats)")
@@ -70,7 +75,7 @@ def main() -> None:
         os.environ["MEDIT_CACHE"] = os.path.join(fresh, "second")
         t0 = time.perf_counter()
         with edit(lm, facts[0], "rome", mom2_n_samples=args.n_stats) as res:
-            mem = res.peak_memory_bytes / 2**20
+            mem = _mib(res.peak_memory_bytes)
         payload["rome_uncached_s"] = row("ROME edit, C not cached", time.perf_counter() - t0,
                                          memory=mem)  # fmt: skip
     if old_cache is None:
@@ -84,11 +89,12 @@ def main() -> None:
     for request in facts[1 : 1 + args.edits]:
         t0 = time.perf_counter()
         with edit(lm, request, "rome", mom2_n_samples=args.n_stats) as res:
-            memory.append(res.peak_memory_bytes / 2**20)
+            memory.append(_mib(res.peak_memory_bytes))
             steps.append(res.info[0]["steps"])
         seconds.append(time.perf_counter() - t0)
+    peak = max((m for m in memory if m is not None), default=None)
     payload["rome_cached_s"] = row("ROME edit, C cached (incl. restore)", seconds,
-                                   len(seconds), max(memory))  # fmt: skip
+                                   len(seconds), peak)  # fmt: skip
     payload["rome_steps"] = steps
 
     # causal trace of one fact, three kinds
@@ -108,7 +114,7 @@ def main() -> None:
         reqs = load_counterfact(path, limit=args.memit) if path else facts[: args.memit]
         t0 = time.perf_counter()
         with edit(lm, reqs, "memit", mom2_n_samples=args.n_stats) as res:
-            mem = res.peak_memory_bytes / 2**20
+            mem = _mib(res.peak_memory_bytes)
             payload["memit_info"] = {
                 k: v for k, v in res.info[0].items() if k not in ("p_target", "targets")
             }

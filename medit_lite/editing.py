@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from .memory import memory_trace
 from .metrics import encode_pair
 from .models import LM
 from .progress import progress
@@ -132,9 +132,13 @@ class EditResult:
     requests: list[EditRequest]
     hparams: object
     seconds: float
-    peak_memory_bytes: int
+    #: the most memory the edit allocated at one time, and what it left allocated (the
+    #: state a method attaches: codebook, patches, memory), in bytes above the start
+    #: (:mod:`medit_lite.memory`); None where not measured (on the CPU unless asked for)
+    peak_memory_bytes: int | None
     changed: list[str]
     info: list[dict] = field(default_factory=list)
+    retained_memory_bytes: int | None = None
     _backup: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     restored: bool = False
@@ -177,20 +181,6 @@ def _put_back(lm: LM, backup: dict[str, torch.Tensor], undo: list[Callable[[], N
             params[name].copy_(saved)
 
 
-def _peak_memory_start(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_memory_since(device: torch.device, start: int) -> int:
-    """CUDA: peak allocated above the start; CPU: growth of the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - start
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start)
-
-
 def edit(
     lm: LM,
     requests,
@@ -198,6 +188,7 @@ def edit(
     *,
     sequential: bool = False,
     hparams=None,
+    measure_memory: bool | None = None,
     **overrides,
 ) -> EditResult:
     """Edit ``lm`` in place to make each request's ``target_new`` its answer.
@@ -205,7 +196,10 @@ def edit(
     ``sequential=True`` applies the requests one after another, each on top of the
     previous ones (edits accumulate); otherwise the method sees them as one batch.
     Keyword ``overrides`` change single hyperparameters, e.g. ``edit(lm, r, "ft", lr=1e-3)``.
-    Nothing changes in the model when validation or the method fails.
+    ``measure_memory``: record the memory the edit allocates (``peak_memory_bytes``,
+    ``retained_memory_bytes``); by default on CUDA only, where it costs nothing; on the
+    CPU it runs the edit under the profiler (:mod:`medit_lite.memory`), which makes
+    ``seconds`` larger. Nothing changes in the model when validation or the method fails.
     """
     spec = get_method(method)
     reqs = as_requests(requests)
@@ -217,10 +211,9 @@ def edit(
     backup = {n: params[n].detach().clone() for n in names}
     undo: list[Callable[[], None]] = []
     infos: list[dict] = []
-    memory_start = _peak_memory_start(lm.device)
-    start = time.perf_counter()
-    try:
-        batches = [[r] for r in reqs] if sequential else [reqs]
+    batches = [[r] for r in reqs] if sequential else [reqs]
+
+    def apply_all() -> None:
         with reuse_statistics():  # a sequential stream keeps the first C of each layer
             for batch in progress(
                 batches, desc=f"{method} edits", disable=len(batches) < 2 or None
@@ -229,6 +222,16 @@ def edit(
                 if "undo" in info:
                     undo.append(info.pop("undo"))
                 infos.append(info)
+
+    if measure_memory is None:
+        measure_memory = lm.device.type == "cuda"
+    peak = retained = None
+    start = time.perf_counter()
+    try:
+        if measure_memory:
+            _, peak, retained = memory_trace(lm.device, apply_all)
+        else:
+            apply_all()
         for n in names:
             if not torch.isfinite(params[n]).all():
                 raise FloatingPointError(f"{method} produced non-finite values in {n}")
@@ -243,9 +246,10 @@ def edit(
         requests=reqs,
         hparams=hp,
         seconds=seconds,
-        peak_memory_bytes=_peak_memory_since(lm.device, memory_start),
+        peak_memory_bytes=peak,
         changed=changed,
         info=infos,
+        retained_memory_bytes=retained,
         _backup=backup,
         _undo=undo,
     )

@@ -208,3 +208,53 @@ def published_frame(key: str):
     entry = PUBLISHED[key]
     rows = [{"method": m, **vals} for m, vals in entry["rows"].items()]
     return pd.DataFrame(rows).style.hide(axis="index").format(precision=1, na_rep="–")
+
+
+def training_seconds() -> dict[str, float]:
+    """One-off training time (seconds, data preparation included) of the methods that
+    train an editor before their first edit, from ``external.json`` (SERAC's scope
+    classifier, the NL-patch gate) and ``internal.json`` (MEND, KE, ENN)."""
+    out: dict[str, float] = {}
+    for method, cost in ((load_results("external") or {}).get("training") or {}).items():
+        if isinstance(cost, dict) and cost.get("seconds") is not None:
+            out[method] = float(cost["seconds"])
+    for key, part in (load_results("internal") or {}).items():
+        if key.endswith("_training") and isinstance(part, dict) and part.get("train_seconds"):
+            prep = part.get("prep_seconds") or 0
+            out[key.removesuffix("_training")] = part["train_seconds"] + prep
+    return out
+
+
+def efficiency_frame():
+    """``efficiency.json`` (``benchmarks/bench_efficiency.py``) as a pandas table: per
+    method the seconds of one edit, the peak memory it allocates, what stays allocated after
+    it (the state it attaches to the model, and any cache kept for later edits), the
+    weights it changes, and the one-off training time where there is one; None
+    where the benchmark has not been run."""
+    import pandas as pd
+
+    data = load_results("efficiency")
+    if not data:
+        return None
+    training = training_seconds()
+    rows = [
+        {
+            "method": method,
+            "s / edit": cost["seconds"],
+            "peak MiB": cost["peak_bytes"] / 2**20,
+            "left allocated KiB": cost["added_bytes"] / 1024,
+            "weights changed": cost["params_changed"],
+            "% of weights": 100 * cost["params_changed"] / cost["params_total"],
+            "training s (once)": training.get(method),
+        }
+        for method, cost in data["methods"].items()
+    ]
+    formats = {
+        "s / edit": "{:.2f}",
+        "peak MiB": "{:.1f}",
+        "left allocated KiB": "{:.1f}",
+        "weights changed": "{:,}",
+        "% of weights": "{:.3f}",
+        "training s (once)": "{:.0f}",
+    }
+    return pd.DataFrame(rows).style.hide(axis="index").format(formats, na_rep="–")

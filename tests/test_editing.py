@@ -20,7 +20,7 @@ def test_edit_flips_a_builtin_fact_and_restores_exactly(lm, facts, method, uncha
     after = score_requests(lm, [request], reference)[0]
     assert before["ES"] == 0.0 and after["ES"] == 1.0 and after["reliability"] == 1.0
     assert result.changed == [lm.module_name("mlp_out", result.hparams.layers[0]) + ".weight"]
-    assert result.seconds > 0 and result.peak_memory_bytes >= 0
+    assert result.seconds > 0
     assert lm.generate(request.text, 3).strip().startswith(request.target_new.split()[0])
     result.restore()
     result.restore()  # idempotent

@@ -83,6 +83,7 @@ from ..editing import register
 from ..hooks import Hooks
 from ..metrics import encode_pair
 from ..models import LM
+from ..positions import after_first_token
 from ..requests import EditRequest
 
 BANK_NAME = "calinet"  # child-module name of the slot bank inside the calibrated FFN
@@ -240,6 +241,9 @@ class CaliNetHParams:
     locality_weight: float = 0.0
     locality_positions: int = 64  # memory positions sampled per step (last layer)
     memory_texts: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # () = built-in
+    # read trained slots from $MEDIT_CACHE when the same batch was calibrated before
+    # (False: train every time, as the efficiency benchmark times an edit); not in the key
+    use_cache: bool = True
 
     @classmethod
     def for_model(cls, lm: LM) -> CaliNetHParams:
@@ -428,7 +432,7 @@ def _memory_states(lm: LM, layer: int, texts: Sequence[str], batch_size: int = 3
             xs = h.capture_input(mlp)
             hs = h.capture_output(block)
             lm.model(**batch)
-        keep = _after_first(batch["attention_mask"])
+        keep = after_first_token(batch["attention_mask"])
         xs_all.append(xs.value[keep].float())
         hs_all.append(hs.value[keep].float())
     return torch.cat(xs_all), torch.cat(hs_all)
@@ -442,12 +446,6 @@ def kl_to_reference(reference_logits: torch.Tensor, logits: torch.Tensor) -> tor
     return kl(
         torch.log_softmax(reference_logits.float(), -1), torch.log_softmax(logits.float(), -1)
     )
-
-
-def _after_first(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Every non-padding position but each text's first (the attention sink, never scored)."""
-    keep = attention_mask.bool()
-    return keep & (keep.long().cumsum(-1) > 1)
 
 
 def _tail_logits(lm: LM, hidden: torch.Tensor) -> torch.Tensor:
@@ -512,7 +510,7 @@ def calibrate(lm: LM, requests: Sequence[EditRequest], hp: CaliNetHParams) -> tu
         n_texts = max(1, hp.locality_positions // 32)
         pick = torch.randperm(len(memory), generator=picker)[:n_texts].tolist()
         batch = lm.tokenize([memory[i] for i in pick])
-        keep = _after_first(batch["attention_mask"])
+        keep = after_first_token(batch["attention_mask"])
         slots.muted = True
         try:
             with torch.no_grad():
@@ -555,14 +553,14 @@ def calibrate(lm: LM, requests: Sequence[EditRequest], hp: CaliNetHParams) -> tu
         lm,
         statements,
         dict(
-            dataclasses.asdict(hp),
+            {k: v for k, v in dataclasses.asdict(hp).items() if k != "use_cache"},
             layer=layer,
             bank=_bank_digest(bank),
             gated=gated,
             memory=hashlib.sha256("\n".join(memory).encode()).hexdigest()[:16],
         ),
     )
-    log = load_or_train(slots, "calinet", key, fit)
+    log = load_or_train(slots, "calinet", key, fit, retrain=not hp.use_cache)
     for p in slots.parameters():
         p.requires_grad_(False)
     if not all(torch.isfinite(p).all() for p in slots.parameters()):
