@@ -30,7 +30,7 @@ import argparse
 import json
 import time
 
-from common import RESULTS, print_table, save, summary
+from common import RESULTS, compact, print_table, save, summary
 
 ZSRE = "zsre_eval_sample.json"
 
@@ -158,12 +158,7 @@ def unedited_at(rows: list[dict], counts) -> dict:
 
 
 def _strip_rows(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
-    if "lifelong" in result:
-        out["lifelong"] = {
-            k: v for k, v in result["lifelong"].items() if k not in ("at_end", "success")
-        }
-    return out
+    return compact(result, lifelong_without=("at_end", "success"))
 
 
 def _save(lm, name, requests, args, rows, runs, memory_texts: int) -> None:

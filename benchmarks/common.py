@@ -61,3 +61,17 @@ def counterfact_sample(limit: int | None = None):
     if path is None:
         raise SystemExit("needs ../shared/data/counterfact_sample.json beside the repository")
     return load_counterfact(path, limit=limit)
+
+
+def compact(result: dict, lifelong_without: tuple[str, ...] | None = None) -> dict:
+    """An :func:`medit_lite.evaluate.evaluate` result for a JSON file: without its
+    per-record ``rows``; its ``lifelong`` part dropped (``lifelong_without=None``) or kept
+    without the keys named. ``"seconds"`` named there is replaced by
+    ``"seconds_median"``, the median seconds per edit of the stream."""
+    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
+    if lifelong_without is not None and "lifelong" in result:
+        life = {k: v for k, v in result["lifelong"].items() if k not in lifelong_without}
+        if "seconds" in lifelong_without and result["lifelong"].get("seconds"):
+            life["seconds_median"] = statistics.median(result["lifelong"]["seconds"])
+        out["lifelong"] = life
+    return out

@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 
-from common import RESULTS, counterfact_sample, save
+from common import RESULTS, compact, counterfact_sample, save
 
 from medit_lite import edit, load_model, load_zsre, shared_data
 from medit_lite.evaluate import evaluate, format_table
@@ -33,15 +33,7 @@ METHODS = ("serac", "nl-patch", "ike")
 
 
 def _strip(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
-    if "lifelong" in result:
-        life = dict(result["lifelong"])
-        life.pop("success", None)
-        life["seconds_median"] = sorted(life.pop("seconds"))[
-            len(result["lifelong"]["seconds"]) // 2
-        ]
-        out["lifelong"] = life
-    return out
+    return compact(result, lifelong_without=("success", "seconds"))
 
 
 def zsre_sample(limit: int):

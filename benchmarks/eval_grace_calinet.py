@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from common import RESULTS, counterfact_sample, save
+from common import RESULTS, compact, counterfact_sample, save
 
 from medit_lite import EditRequest, edit, load_model, load_zsre, shared_data
 from medit_lite.evaluate import evaluate, format_table
@@ -42,8 +42,7 @@ from medit_lite.metrics import locality_reference, score_requests, summarize
 
 
 def _strip(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
-    return out
+    return compact(result)
 
 
 def _quantiles(values) -> dict:

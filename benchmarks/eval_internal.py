@@ -22,7 +22,7 @@ import json
 import statistics
 import time
 
-from common import RESULTS, save, summary
+from common import RESULTS, compact, save, summary
 
 from medit_lite import edit, load_counterfact, load_model, load_zsre, shared_data
 from medit_lite.applications.bias import perplexity
@@ -38,12 +38,7 @@ TRAINED = {
 
 
 def _strip(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
-    if "lifelong" in result:
-        life = dict(result["lifelong"])
-        life.pop("seconds", None)
-        out["lifelong"] = life
-    return out
+    return compact(result, lifelong_without=("seconds",))
 
 
 def _data(name: str, loader, limit: int):

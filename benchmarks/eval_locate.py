@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from common import RESULTS, counterfact_sample, save
+from common import RESULTS, compact, counterfact_sample, save
 
 from medit_lite import edit, load_model
 from medit_lite.editing import get_method, register
@@ -32,7 +32,7 @@ BASELINES = ("ft", "ft-l", "ft-m")
 
 
 def _strip(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("rows", "lifelong")}
+    return compact(result)
 
 
 #: MEMIT's target vector z_i (Eq. 16) depends only on request i and the unedited model, so

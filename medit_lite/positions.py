@@ -10,6 +10,8 @@ token (" Tower") or sits after a prefix is located exactly, and the first occurr
 
 from __future__ import annotations
 
+import torch
+
 from .models import LM
 
 
@@ -54,3 +56,12 @@ def subject_last(lm: LM, template: str, subject: str, prefix: str = "") -> int:
 def fill(template: str, subject: str) -> str:
     """``template`` with ``subject`` put where its ``{}`` is (no other brace handling)."""
     return template.replace("{}", subject, 1)
+
+
+def after_first_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Every non-padding position of each text but its first: the first position's
+    prediction is never scored or generated from, and in a causal LM its hidden state is
+    an outlier (the attention sink), so memories of ordinary text leave it out (as
+    T-Patcher's code does with ``[:, 1:]``)."""
+    keep = attention_mask.bool()
+    return keep & (keep.long().cumsum(-1) > 1)

@@ -84,6 +84,7 @@ from ..editing import register
 from ..hooks import Hooks
 from ..metrics import encode_pair, pair_logits
 from ..models import LM
+from ..positions import after_first_token
 from ..requests import EditRequest
 
 BANK_NAME = "tpatcher"  # child-module name of the patch bank inside a patched FFN
@@ -325,9 +326,8 @@ def ffn_inputs(
                 lm.model(**batch)
             except _Stop:
                 pass
-        keep = batch["attention_mask"].bool()
-        if skip_first:
-            keep = keep & (keep.long().cumsum(-1) > 1)
+        mask = batch["attention_mask"]
+        keep = after_first_token(mask) if skip_first else mask.bool()
         out.append(box.value[keep].float())
     return torch.cat(out) if out else torch.zeros(0, lm.d_model, device=lm.device_of("mlp", layer))
 
