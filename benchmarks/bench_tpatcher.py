@@ -68,12 +68,15 @@ def main() -> None:
     parser.add_argument("--memory-from", type=int, default=500)
     parser.add_argument("--memory-size", type=int, default=300)
     parser.add_argument("--counterfact", type=int, default=0, help="CounterFact stream length")
+    parser.add_argument("--firing", type=int, default=0, help="patch firing on N CF edits")
     args = parser.parse_args()
 
     from medit_lite import load_model
     from medit_lite.lifelong import format_curve, lifelong
 
     lm = load_model()
+    if args.firing:
+        return firing(lm, args.firing, args.memory_from, args.memory_size)
     if args.counterfact:
         return counterfact_streams(lm, args.counterfact, args.memory_from, args.memory_size)
     name, requests = stream(args.edits)
@@ -112,17 +115,8 @@ def counterfact_streams(lm, n: int, memory_from: int, memory_size: int) -> None:
     from common import counterfact_sample
 
     from medit_lite.evaluate import evaluate, format_table
-    from medit_lite.methods import tpatcher as tp
 
-    if memory_from < n:
-        raise SystemExit("--memory-from must lie after the stream")
-    records = counterfact_sample()
-    requests, held_out = records[:n], records[memory_from:]
-    builtin = tuple(tp.builtin_memory_texts())
-    memories = {
-        "built-in": builtin,
-        "task": builtin + tp.probe_memory_texts(held_out, exclude=requests, limit=memory_size),
-    }
+    requests, memories = _memories(counterfact_sample(), n, memory_from, memory_size)
     path = RESULTS / "tpatcher.json"
     payload = json.loads(path.read_text()) if path.is_file() else {}
     payload.pop("machine", None)
@@ -148,6 +142,42 @@ def counterfact_streams(lm, n: int, memory_from: int, memory_size: int) -> None:
             print(f"  after {n_edits:3d} edits: NS {extra.get('NS')}  ES {extra.get('ES')}")
         payload["counterfact"] = part
         save("tpatcher", payload)
+
+
+def _memories(records, n: int, memory_from: int, memory_size: int):
+    """The stream (first ``n`` records) and the two memory sets of the CounterFact runs."""
+    from medit_lite.methods import tpatcher as tp
+
+    if memory_from < n:
+        raise SystemExit("--memory-from must lie after the stream")
+    requests, held_out = records[:n], records[memory_from:]
+    builtin = tuple(tp.builtin_memory_texts())
+    task = builtin + tp.probe_memory_texts(held_out, exclude=requests, limit=memory_size)
+    return requests, {"built-in": builtin, "task": task}
+
+
+def firing(lm, n: int, memory_from: int, memory_size: int) -> None:
+    """``--firing N``: which patches fire on which neighbors after N sequential CounterFact
+    edits, with each memory set (:func:`medit_lite.analysis.patch_firing.patch_firing`);
+    written to the ``counterfact_firing`` part of ``tpatcher.json``."""
+    from common import counterfact_sample
+
+    from medit_lite import edit
+    from medit_lite.analysis.patch_firing import neighbor_scores, patch_firing
+
+    requests, memories = _memories(counterfact_sample(), n, memory_from, memory_size)
+    before = neighbor_scores(lm, requests)
+    part = {"n": n, "memory_from": memory_from, "memories": {}}
+    for kind, texts in memories.items():
+        with edit(lm, requests, "tpatcher", sequential=True, memory_texts=texts) as result:
+            stats = patch_firing(lm, result, before)
+        part["memories"][kind] = {"memory_texts": len(texts), **stats}
+        print(f"memory {kind} ({len(texts)} texts): " + json.dumps(stats, indent=1))
+    path = RESULTS / "tpatcher.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload.pop("machine", None)
+    payload["counterfact_firing"] = part
+    save("tpatcher", payload)
 
 
 def unedited_at(rows: list[dict], counts) -> dict:
@@ -183,7 +213,7 @@ def _save(lm, name, requests, args, rows, runs, memory_texts: int) -> None:
                 "texts": memory_texts,
             },  # fmt: skip
             "table": table,
-            **({"counterfact": old["counterfact"]} if "counterfact" in old else {}),
+            **{k: v for k, v in old.items() if k in ("counterfact", "counterfact_firing")},
             "runs": kept
             | {m: r | {"seconds_summary": summary(r["seconds"])} for m, r in runs.items()},
         },

@@ -160,3 +160,29 @@ def test_probe_memory_texts_hold_out_the_stream():
     assert tp.probe_memory_texts(held_out, exclude=stream, limit=1) == ("nq: two a",)
     assert tp.probe_memory_texts(held_out) == ("nq: two a", "nq: shared x", "nq: three b",
                                                "Question 0 about S0? T0")  # fmt: skip
+
+
+def test_patch_firing_reads_which_patch_fires_on_which_neighbor(lm, facts, unchanged):
+    """The firing analysis (issue: T-Patcher keeps neighbors on CounterFact) agrees with
+    the patches' own activations: a patch fires on its edit prompt, and a neighbor counts
+    as "firing" exactly when some patch neuron is active at its last token."""
+    from medit_lite.analysis.patch_firing import neighbor_scores, patch_firing, stream_patches
+
+    stream = facts[:3]
+    before = neighbor_scores(lm, stream)
+    assert [len(s) for s in before] == [len(r.neighborhood) for r in stream]
+    with edit(lm, stream, "tpatcher", sequential=True) as result:
+        patches = stream_patches(result)
+        assert len(patches) == 3 and all(p is not None for p in patches)
+        own = tp.patch_activations(lm, [r.text for r in stream])  # one neuron per edit here
+        assert own.shape == (3, sum(p.n_neurons for p in patches)) and (own.diagonal() > 0).all()
+        stats = patch_firing(lm, result, before)
+        prompts = [p.prompt for r in stream for p in r.neighborhood]
+        active = (tp.patch_activations(lm, prompts) > 0).any(-1)
+    assert stats["neighbors"] == len(prompts) and stats["patches"] == 3
+    assert math.isclose(stats["fires_any"], active.double().mean().item(), rel_tol=1e-9)
+    assert stats["fires_own_patch"] <= stats["fires_any"]
+    assert stats["ns_before"] == sum(map(sum, before)) / len(prompts)
+    with pytest.raises(ValueError, match="T-Patcher"):
+        with edit(lm, stream[0], "ft-l", steps=1) as other:
+            stream_patches(other)
