@@ -357,7 +357,7 @@ def _run_after(router: ContextRouter, prefix, n_prefix: int, tails: list[list[in
         )
     rows = torch.cat([torch.full((len(t),), r) for r, t in enumerate(tails)])
     cols = torch.cat([torch.arange(len(t)) for t in tails])
-    flat = lm.module("unembed")(normed[rows.to(lm.device), cols.to(lm.device)])
+    flat = lm.module("unembed")(normed[rows.to(normed.device), cols.to(normed.device)])
     return flat.split([len(t) for t in tails])
 
 

@@ -121,14 +121,14 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
         mask[row, : lengths[row]] = 1
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(pairs)])
     cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in pairs])
-    rows, cols = rows.to(lm.device), cols.to(lm.device)
     inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
     if router_of(lm) is None:
         normed = final_hidden(lm, detach=False, use_cache=False, **inputs)
-        flat = lm.module("unembed")(normed[rows, cols])
+        flat = lm.module("unembed")(normed[rows.to(normed.device), cols.to(normed.device)])
     else:
         with prompt_lengths([len(p) for p, _ in pairs]):  # routes decide on prompts only
-            flat = lm.model(**inputs).logits[rows, cols]
+            logits = lm.model(**inputs).logits
+        flat = logits[rows.to(logits.device), cols.to(logits.device)]
     return list(flat.split([len(t) for _, t in pairs]))
 
 
