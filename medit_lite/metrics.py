@@ -106,10 +106,11 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
     """Logits at the positions that predict each target token, one [T, V] tensor a pair.
 
     The batch is right-padded; gradients flow if enabled by the caller. Without a context
-    router the vocabulary projection runs only at those positions (the final norm's
-    output gathered, then ``lm.module("unembed")``): on a prompt of P tokens and a target
-    of T, T rows of the [d_model, V] product instead of P + T. A routed model (SERAC, NL
-    patches, IKE) mixes whole logit rows, so it gets the model's full forward.
+    router or a hook on the model's output, the vocabulary projection runs only at those
+    positions (the final norm's output gathered, then ``lm.module("unembed")``): on a
+    prompt of P tokens and a target of T, T rows of the [d_model, V] product instead of
+    P + T. A routed model (SERAC, NL patches, IKE) mixes whole logit rows, and a hook may
+    change them, so those get the model's full forward.
     """
     lengths = [len(p) + len(t) for p, t in pairs]
     pad = lm.tokenizer.pad_token_id
@@ -122,7 +123,7 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
     rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(pairs)])
     cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1) for p, t in pairs])
     inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-    if router_of(lm) is None:
+    if _logits_of_the_modules_alone(lm):
         normed = final_hidden(lm, detach=False, use_cache=False, **inputs)
         flat = lm.module("unembed")(normed[rows.to(normed.device), cols.to(normed.device)])
     else:
@@ -130,6 +131,13 @@ def pair_logits(lm: LM, pairs: Sequence[tuple[list[int], list[int]]]) -> list[to
             logits = lm.model(**inputs).logits
         flat = logits[rows.to(logits.device), cols.to(logits.device)]
     return list(flat.split([len(t) for _, t in pairs]))
+
+
+def _logits_of_the_modules_alone(lm: LM) -> bool:
+    """True where the final norm and the unembedding give the model's logits: no context
+    router and no hook on the whole model's output (which may change them)."""
+    model = lm.model
+    return router_of(lm) is None and not model._forward_hooks and "forward" not in vars(model)
 
 
 @torch.no_grad()
