@@ -160,6 +160,11 @@ class EditResult:
         do not modify them)."""
         return dict(self._backup)
 
+    def changed_elements(self) -> int:
+        """How many elements of the model's parameters differ from before the edit."""
+        params = dict(self.lm.model.named_parameters())
+        return sum(int((params[n] != self._backup[n]).sum()) for n in self.changed)
+
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of the change of each changed parameter."""
         params = dict(self.lm.model.named_parameters())

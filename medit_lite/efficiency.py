@@ -49,9 +49,7 @@ def edit_cost(lm: LM, request, method: str, *, runs: int = 3, **overrides) -> Ed
         with edit(lm, request, method, measure_memory=False, **overrides) as result:
             seconds.append(result.seconds)
     with edit(lm, request, method, measure_memory=True, **overrides) as result:
-        params = dict(lm.model.named_parameters())
         backup = result.original_weights
-        changed = sum(int((params[n] != backup[n]).sum()) for n in result.changed)
         return EditCost(
             method=method,
             seconds=statistics.median(seconds),
@@ -59,7 +57,7 @@ def edit_cost(lm: LM, request, method: str, *, runs: int = 3, **overrides) -> Ed
             peak_bytes=int(result.peak_memory_bytes),
             added_bytes=int(result.retained_memory_bytes),
             backup_bytes=sum(t.numel() * t.element_size() for t in backup.values()),
-            params_changed=changed,
+            params_changed=result.changed_elements(),
             matrices_changed=len(result.changed),
             params_total=sum(p.numel() for p in lm.model.parameters()),
         )
