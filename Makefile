@@ -1,5 +1,6 @@
 # make book: set up, execute every chapter on the default model, build the HTML.
-# make test: set up, then unit tests, chapters (via the book build) and browser tests.
+# make test: set up, then unit tests, chapters (via the book build, and once more each as on
+# Colab: no ../shared, reduced setting) and browser tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -37,14 +38,17 @@ book: model
 
 # regenerate the Colab notebooks (.ipynb) from the MyST sources
 notebooks: setup
-	$(VENV)/bin/jupytext --to ipynb chapters/[0-9]*.md
+	$(VENV)/bin/jupytext --update --to ipynb chapters/[0-9]*.md
 
 lint: setup
 	$(VENV)/bin/ruff check medit_lite tests benchmarks
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
+# two pytest workers, one thread each: the book build (one worker) runs beside the unit
+# tests and the Colab runs of the chapters (the other); TEST_WORKERS=1 runs them in turn
+TEST_WORKERS ?= 2
 test: model browser lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf _build

@@ -326,12 +326,16 @@ def load_easyedit(source, limit=None, **kw) -> list[EditRequest]:
 def shared_data(name: str) -> Path | None:
     """Path of a file in the shared evaluation data folder, or None where it is absent.
 
-    Looks in ``$MEDIT_DATA``, then ``../shared/data`` beside the repository.
+    The folder is ``$MEDIT_DATA`` when set (and then only that folder: set it to an empty
+    folder to see what a page does on Colab), else ``../shared/data`` beside the
+    repository or beside the working directory.
     """
-    roots = [os.environ.get("MEDIT_DATA")]
-    repo = Path(__file__).resolve().parent.parent
-    roots += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for root in filter(None, roots):
+    if os.environ.get("MEDIT_DATA"):
+        roots = [Path(os.environ["MEDIT_DATA"])]
+    else:
+        repo = Path(__file__).resolve().parent.parent
+        roots = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for root in roots:
         candidate = Path(root) / name
         if candidate.is_file():
             return candidate

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -322,7 +323,7 @@ def sampled_texts(
     finally:
         bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(texts), "utf-8")
     tmp.replace(path)
     return texts[:n_texts]
@@ -435,7 +436,7 @@ def _load(lm: LM, layer: int, path: Path, key: dict, name: str, max_length: int)
 
 def _save(path: Path, mom2: torch.Tensor, key: dict, name: str, model: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     payload = {"mom2": mom2.cpu(), "n": key["n"], "model": model, "corpus": name, "key": key}
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import time
 import warnings
@@ -249,12 +250,16 @@ def load_or_train(
         return log
     log = fit()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    log.path = str(path)
+    # the log first, the weights last: a process that finds the weights finds their log
+    # (names with the process id: two processes training the same key do not collide)
+    meta_tmp = meta.with_name(meta.name + f".tmp{os.getpid()}")
+    meta_tmp.write_text(json.dumps(log.to_dict()))
+    meta_tmp.replace(meta)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(tmp))
     tmp.replace(path)
-    log.path = str(path)
-    meta.write_text(json.dumps(log.to_dict()))
     return log
 
 

@@ -181,3 +181,23 @@ def test_loader_rejects_files_that_hold_no_records(tmp_path):
         load_requests(_write(tmp_path, [{"question": "?"}]))
     with pytest.raises(FileNotFoundError, match="no such file: .*missing.json"):
         load_requests(tmp_path / "missing.json")
+
+
+def test_medit_data_is_the_only_data_folder_when_set(tmp_path, monkeypatch):
+    from medit_lite import shared_data
+
+    monkeypatch.setenv("MEDIT_DATA", str(tmp_path))
+    assert shared_data("counterfact_sample.json") is None  # the repository's copy is hidden
+    (tmp_path / "counterfact_sample.json").write_text("[]")
+    assert shared_data("counterfact_sample.json") == tmp_path / "counterfact_sample.json"
+
+
+def test_quick_sizes_follow_the_environment(monkeypatch):
+    from medit_lite.quick import sized
+
+    monkeypatch.delenv("MEDIT_QUICK", raising=False)
+    assert sized(10, 2) == 10
+    monkeypatch.setenv("MEDIT_QUICK", "1")
+    assert sized(10, 2) == 2
+    with pytest.raises(ValueError, match="must not exceed"):
+        sized(2, 10)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import time
@@ -742,10 +743,10 @@ def inserted_canaries(
                 from safetensors.torch import save_file
 
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
+                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
                 save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(tmp))
                 path.with_suffix(".json").write_text(json.dumps({"losses": info.losses}))
-                tmp.rename(path)
+                tmp.replace(path)
         info.seconds = time.perf_counter() - start
         yield info
     finally:

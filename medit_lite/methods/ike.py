@@ -33,6 +33,7 @@ The prompt is applied inside the model's forward pass by
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,7 @@ def demo_pool(lm: LM, hp: IkeHParams) -> tuple[list[str], torch.Tensor]:
     else:
         emb = embed(lm, sentences, layer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file({"embeddings": emb.contiguous()}, str(tmp))
         tmp.replace(path)
     _POOLS[memo] = (sentences, emb)
